@@ -1,0 +1,166 @@
+"""KL(p_model || q_lens) per position, in nats, computed in blocks so that full-vocabulary logits for
+[tok x head x d_vocab] never exist at once.
+
+``blocked_head_kl`` runs the lens projection and the loss one token block at a time. When gradients
+are needed it computes each block's gradient with respect to the features and the projection's
+parameters right away (one forward and one backward per block, no recomputation), accumulates
+them, and hands them to autograd through a custom function. Peak memory is then one block of
+logits plus its softmax, whatever the batch size.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from train.lenses import Lens, softcap
+
+# Bytes of float32 logits in one block [head, tok, d_vocab]; log-softmax and gradients take about
+# three more blocks. 64 MiB keeps a SmolLM2 layer (9 heads x 49152) at 37 tokens per block.
+DEFAULT_BLOCK_BYTES = 64 << 20
+
+
+def kl_div_logits(target_logits: torch.Tensor, lens_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(target) || softmax(lens)) over the last axis, in nats, one value per position."""
+    target_logp = torch.log_softmax(target_logits.float() / temperature, dim=-1)
+    lens_logp = torch.log_softmax(lens_logits.float() / temperature, dim=-1)
+    return (target_logp.exp() * (target_logp - lens_logp)).sum(dim=-1)
+
+
+@dataclass
+class Targets:
+    """The model's distribution for a batch of positions, in one of the store's three forms."""
+
+    logprobs: torch.Tensor | None = None  # [tok, d_vocab]
+    topk_logprobs: torch.Tensor | None = None  # [tok, k]
+    topk_ids: torch.Tensor | None = None  # [tok, k]
+
+    def __len__(self) -> int:
+        return len(self.logprobs if self.logprobs is not None else self.topk_ids)
+
+    def block(self, rows: slice) -> "Targets":
+        return Targets(*(None if t is None else t[rows] for t in (self.logprobs, self.topk_logprobs, self.topk_ids)))
+
+    @property
+    def top1(self) -> torch.Tensor:
+        """The model's own most likely next token at each position."""
+        return self.logprobs.argmax(-1) if self.logprobs is not None else self.topk_ids[:, 0]
+
+
+def targets_from_batch(target: dict[str, torch.Tensor], W_U: torch.Tensor, b_U: torch.Tensor,
+                       softcap_value: float | None, temperature: float = 1.0) -> Targets:
+    """Rebuild the model's log-probs from stored final data: ``normalized @ W_U + b_U`` (then soft-cap)."""
+    if "normalized" in target:
+        logits = softcap(target["normalized"].float() @ W_U + b_U, softcap_value)
+        return Targets(logprobs=torch.log_softmax(logits / temperature, dim=-1))
+    if "logits" in target:
+        return Targets(logprobs=torch.log_softmax(target["logits"].float() / temperature, dim=-1))
+    return Targets(topk_logprobs=target["topk_logprobs"].float(), topk_ids=target["topk_ids"].long())
+
+
+def _kl_block(targets: Targets, lens_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL per head and position, [head, tok], for lens logits [head, tok, d_vocab]."""
+    lens_logp = torch.log_softmax(lens_logits / temperature, dim=-1)
+    if targets.logprobs is not None:
+        p = targets.logprobs.exp()
+        return (p * (targets.logprobs - lens_logp)).sum(-1)
+    # Top-k targets: KL between the distributions coarsened to the k tokens plus one "rest" bucket,
+    # a lower bound of the full KL.
+    ids = targets.topk_ids.unsqueeze(0).expand(lens_logp.shape[0], -1, -1)
+    lens_top = lens_logp.gather(-1, ids)  # [head, tok, k]
+    p_top = targets.topk_logprobs.exp()
+    p_rest = (1 - p_top.sum(-1)).clamp_min(1e-12)
+    q_rest = (1 - lens_top.exp().sum(-1)).clamp_min(1e-12)
+    return (p_top * (targets.topk_logprobs - lens_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+
+@dataclass
+class HeadKL:
+    """Loss summary of one batch: per head, summed over its positions."""
+
+    kl_sum: torch.Tensor  # [head] sum of KL in nats
+    top1_matches: torch.Tensor  # [head] positions where the lens's top token equals the model's
+    n_positions: int
+
+
+def block_tokens_for(n_heads: int, d_vocab: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    return max(1, block_bytes // (4 * max(1, n_heads) * d_vocab))
+
+
+class _BlockedKL(torch.autograd.Function):
+    """Autograd wrapper: the forward pass already computed every gradient, the backward pass scales them."""
+
+    @staticmethod
+    def forward(ctx, loss, n_inputs, *inputs_then_grads):
+        # inputs_then_grads holds the n_inputs tensors that receive gradients, then their gradients.
+        ctx.n_inputs = n_inputs
+        ctx.save_for_backward(*inputs_then_grads[n_inputs:])
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = tuple(g * grad_output for g in ctx.saved_tensors)
+        return (None, None, *grads, *([None] * ctx.n_inputs))
+
+
+def blocked_head_kl(lens: Lens, features: torch.Tensor, targets: Targets, *, layer_sum: bool = False,
+                    temperature: float = 1.0, block_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[torch.Tensor, HeadKL]:
+    """Mean KL over heads and positions for ``lens.project(features)`` against ``targets``.
+
+    Args:
+        lens: the lens whose ``project`` maps features [tok, head, d_in] to logits [head, tok, d_vocab].
+        features: output of ``lens.features``; may require grad.
+        targets: the model's distribution at the same positions.
+        layer_sum: fit the sum of the heads' logits instead of each head alone (AttentionLens's objective).
+
+    Returns:
+        The scalar loss (mean of KL in nats over positions, and over heads for the per-head objective),
+        differentiable with respect to ``features`` and the lens parameters, and a ``HeadKL`` summary.
+    """
+    n_tok, n_heads = features.shape[0], features.shape[1]
+    n_out_heads = 1 if layer_sum else n_heads
+    rows = block_tokens_for(n_heads, lens.d_vocab, block_bytes)
+    params = [p for p in lens.parameters() if p.requires_grad]
+    needs_grad = torch.is_grad_enabled() and (features.requires_grad or bool(params))
+    feature_leaf = features.detach().requires_grad_(features.requires_grad and needs_grad)
+    grad_inputs = ([feature_leaf] if feature_leaf.requires_grad else []) + (params if needs_grad else [])
+    grad_sums = [torch.zeros_like(t) for t in grad_inputs]
+    kl_sum = torch.zeros(n_out_heads, device=features.device)
+    top1 = torch.zeros(n_out_heads, device=features.device)
+    normaliser = n_tok * n_out_heads
+
+    for start in range(0, n_tok, rows):
+        block = slice(start, min(start + rows, n_tok))
+        block_targets = targets.block(block)
+        with torch.set_grad_enabled(needs_grad):
+            logits = lens.project(feature_leaf[block])  # [head, tok, d_vocab]
+            if layer_sum:
+                logits = logits.sum(0, keepdim=True) - (n_heads - 1) * lens.b_U if _shared_bias(lens) else logits.sum(0, keepdim=True)
+            logits = softcap(logits, lens.logit_softcap)
+            kl = _kl_block(block_targets, logits, temperature)  # [head, tok]
+        if needs_grad and grad_inputs:
+            block_grads = torch.autograd.grad(kl.sum() / normaliser, grad_inputs, allow_unused=True)
+            for total, grad in zip(grad_sums, block_grads):
+                if grad is not None:
+                    total += grad
+        with torch.no_grad():
+            kl_sum += kl.detach().sum(-1)
+            top1 += (logits.detach().argmax(-1) == block_targets.top1.unsqueeze(0)).sum(-1)
+
+    loss = kl_sum.sum() / normaliser
+    summary = HeadKL(kl_sum=kl_sum, top1_matches=top1, n_positions=n_tok)
+    if not (needs_grad and grad_inputs):
+        return loss, summary
+    # Route the precomputed gradients through autograd: features continue into the lens's trunk.
+    outputs = _BlockedKL.apply(loss, len(grad_inputs), *([features] if feature_leaf.requires_grad else []),
+                               *params, *grad_sums)
+    return outputs, summary
+
+
+def _shared_bias(lens: Lens) -> bool:
+    """True when every head's logits carry the same ``b_U``, which the layer sum must count once."""
+    return lens.kind in ("dla", "translator", "lowrank")
+
+
+def nats_to_bits(nats: float) -> float:
+    return nats / math.log(2)

@@ -1,0 +1,116 @@
+"""Saving and loading trained lenses: a folder with ``config.json`` and ``lens.safetensors``.
+
+The folder holds the lens's own tensors and the layer's W_O and final-norm weights. W_U and b_U
+(tens to hundreds of MB) are read from a store of the same model at load time; a SHA-256 of W_U
+recorded at training time makes sure they are the ones the lens was trained with.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lensio.errors import LensError
+from lensio.schema import FinalNorm
+from lensio.store import Store, open_store
+from train.lenses import FrozenParts, Lens, resolve_lens_class
+
+logger = logging.getLogger(__name__)
+
+LENS_FORMAT = "headlens-lens"
+LENS_FORMAT_VERSION = 1
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def lens_config(lens: Lens, *, layer: int, objective: str, store: Store, metrics: dict[str, Any] | None = None,
+                training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``config.json`` record of a lens trained on ``store``."""
+    return {
+        "format": LENS_FORMAT, "format_version": LENS_FORMAT_VERSION, "lens": lens.kind, "objective": objective,
+        "layer": layer, "options": lens.options,
+        "shapes": {"n_heads": lens.n_heads, "d_head": lens.d_head, "d_model": lens.d_model, "d_vocab": lens.d_vocab},
+        "final_norm": {"kind": lens.norm_kind.value, "eps": lens.norm_eps}, "logit_softcap": lens.logit_softcap,
+        "W_U_sha256": tensor_sha256(lens.W_U),
+        "store": {"url": store.url, "model": store.meta["model"]["name"], "tokens_sha256": store.meta["tokens_sha256"]},
+        "metrics": metrics or {}, "training": training or {},
+    }
+
+
+def save_lens(lens: Lens, out_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Write the lens folder atomically: into a temporary sibling, then renamed into place.
+
+    A save killed half-way leaves only the temporary folder (named ``.{name}.tmp-*``), never a
+    half-written ``out_dir``; an existing ``out_dir`` is replaced only once the new one is complete.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in lens.state_dict().items()}
+        save_file(state, staging / "lens.safetensors")
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            retired = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, retired)
+            os.replace(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("saved %s lens to %s", lens.kind, out)
+    return out
+
+
+def read_lens_config(path: str | Path) -> dict[str, Any]:
+    folder = Path(path)
+    config_path = folder / "config.json"
+    if not folder.is_dir() or not config_path.is_file() or not (folder / "lens.safetensors").is_file():
+        raise LensError(f"{str(path)!r} is not a lens folder (expected config.json and lens.safetensors); pass a "
+                        "folder written by lens-train")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise LensError(f"{config_path} is not valid JSON ({error.msg}); retrain the lens") from error
+    if config.get("format") != LENS_FORMAT or config.get("format_version") != LENS_FORMAT_VERSION:
+        raise LensError(f"{config_path} is not a version-{LENS_FORMAT_VERSION} headlens lens; retrain the lens")
+    return config
+
+
+def load_lens(path: str | Path, store: str | Store | None = None, layer: int | None = None) -> Lens:
+    """Load a saved lens, taking W_U and b_U from ``store`` (default: the store it was trained on).
+
+    Raises:
+        LensError: the folder is not a lens, or the store's W_U differs from the one the lens was
+            trained with (another model), or ``layer`` is given and differs from the lens's layer.
+    """
+    config = read_lens_config(path)
+    if layer is not None and int(config["layer"]) != layer:
+        raise LensError(f"lens {str(path)!r} was trained for layer {config['layer']}, not layer {layer}; pass a lens "
+                        f"for layer {layer}")
+    opened = store if isinstance(store, Store) else open_store(store or config["store"]["url"])
+    W_U, b_U = opened.params["W_U"], opened.params["b_U"]
+    if tensor_sha256(W_U) != config["W_U_sha256"]:
+        raise LensError(f"lens {str(path)!r} was trained for model {config['store']['model']!r}, but store "
+                        f"{opened.url!r} holds model {opened.meta['model']['name']!r} (W_U differs); pass a store of "
+                        "the lens's model")
+    state = load_file(str(Path(path) / "lens.safetensors"))
+    parts = FrozenParts(W_O=state["W_O"], b_O=state["b_O"], W_U=W_U, b_U=b_U, norm_weight=state["norm_weight"],
+                        norm_bias=state["norm_bias"], norm_kind=FinalNorm(config["final_norm"]["kind"]),
+                        norm_eps=float(config["final_norm"]["eps"]), logit_softcap=config.get("logit_softcap"))
+    lens = resolve_lens_class(config["lens"])(parts, **config.get("options", {}))
+    lens.load_state_dict(state)
+    lens.config = config
+    lens.layer = int(config["layer"])
+    return lens.eval()
