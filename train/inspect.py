@@ -119,8 +119,8 @@ def run(config: InspectConfig) -> dict[str, Any]:
     probs = lens.predict(z[position:position + 1], scale[position:position + 1])[0]  # [head, d_vocab]
     targets = targets_from_batch({key: value[position:position + 1] for key, value in target.items()},
                                  lens.W_U, lens.b_U, lens.logit_softcap)
-    if targets.logprobs is not None:
-        model_top = _top(targets.logprobs[0].exp(), k, tokenizer)
+    if targets.probs is not None:
+        model_top = _top(targets.probs[0], k, tokenizer)
     else:
         model_top = [{"token": _decode(tokenizer, [int(i)]), "id": int(i), "prob": round(float(p), 5)}
                      for p, i in zip(targets.topk_logprobs[0].exp()[:k], targets.topk_ids[0][:k])]

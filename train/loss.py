@@ -15,9 +15,11 @@ import torch
 
 from train.lenses import Lens, softcap
 
-# Bytes of float32 logits in one block [head, tok, d_vocab]; log-softmax and gradients take about
-# three more blocks. 64 MiB keeps a SmolLM2 layer (9 heads x 49152) at 37 tokens per block.
-DEFAULT_BLOCK_BYTES = 64 << 20
+# Bytes of float32 logits in one block [head, tok, d_vocab]; the softmax gradient takes one more
+# block. 256 MiB gives a SmolLM2 layer (9 heads x 49152) 148 tokens per block: on a 2-core AVX2 CPU
+# the projection matmul ran at 13 GFLOP/s with 37 rows and 21 GFLOP/s with 128 (scratch timing,
+# machine loaded), so smaller blocks cost speed.
+DEFAULT_BLOCK_BYTES = 256 << 20
 
 
 def kl_div_logits(target_logits: torch.Tensor, lens_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -29,43 +31,66 @@ def kl_div_logits(target_logits: torch.Tensor, lens_logits: torch.Tensor, temper
 
 @dataclass
 class Targets:
-    """The model's distribution for a batch of positions, in one of the store's three forms."""
+    """The model's distribution for a batch of positions: dense probabilities, or its top-k."""
 
-    logprobs: torch.Tensor | None = None  # [tok, d_vocab]
+    probs: torch.Tensor | None = None  # [tok, d_vocab]
+    neg_entropy: torch.Tensor | None = None  # [tok], sum of p log p
     topk_logprobs: torch.Tensor | None = None  # [tok, k]
     topk_ids: torch.Tensor | None = None  # [tok, k]
 
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, temperature: float = 1.0) -> "Targets":
+        logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+        probs = logprobs.exp()
+        return cls(probs=probs, neg_entropy=(probs * logprobs).sum(-1))
+
     def __len__(self) -> int:
-        return len(self.logprobs if self.logprobs is not None else self.topk_ids)
+        return len(self.probs if self.probs is not None else self.topk_ids)
 
     def block(self, rows: slice) -> "Targets":
-        return Targets(*(None if t is None else t[rows] for t in (self.logprobs, self.topk_logprobs, self.topk_ids)))
+        return Targets(*(None if t is None else t[rows]
+                         for t in (self.probs, self.neg_entropy, self.topk_logprobs, self.topk_ids)))
 
     @property
     def top1(self) -> torch.Tensor:
         """The model's own most likely next token at each position."""
-        return self.logprobs.argmax(-1) if self.logprobs is not None else self.topk_ids[:, 0]
+        return self.probs.argmax(-1) if self.probs is not None else self.topk_ids[:, 0]
 
 
 def targets_from_batch(target: dict[str, torch.Tensor], W_U: torch.Tensor, b_U: torch.Tensor,
                        softcap_value: float | None, temperature: float = 1.0) -> Targets:
-    """Rebuild the model's log-probs from stored final data: ``normalized @ W_U + b_U`` (then soft-cap)."""
+    """Rebuild the model's distribution from stored final data: ``normalized @ W_U + b_U`` (then soft-cap)."""
     if "normalized" in target:
-        logits = softcap(target["normalized"].float() @ W_U + b_U, softcap_value)
-        return Targets(logprobs=torch.log_softmax(logits / temperature, dim=-1))
+        return Targets.from_logits(softcap(target["normalized"].float() @ W_U + b_U, softcap_value), temperature)
     if "logits" in target:
-        return Targets(logprobs=torch.log_softmax(target["logits"].float() / temperature, dim=-1))
+        return Targets.from_logits(target["logits"].float(), temperature)
     return Targets(topk_logprobs=target["topk_logprobs"].float(), topk_ids=target["topk_ids"].long())
 
 
-def _kl_block(targets: Targets, lens_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL per head and position, [head, tok], for lens logits [head, tok, d_vocab]."""
+def _dense_kl_and_grad(targets: Targets, logits: torch.Tensor, temperature: float,
+                       grad_scale: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KL [head, tok] for logits [head, tok, d_vocab], and its gradient times ``grad_scale``.
+
+    KL(p || q) = sum p log p - sum p log q, and log q = l/T - logsumexp(l/T), so the KL needs one
+    logsumexp and one dot product per row instead of a materialised log-softmax; the gradient with
+    respect to the logits is (q - p) / T. This keeps the elementwise passes over the block to about
+    four, which matters because they cost as much as the projection matmul on a CPU.
+    """
+    scaled = logits / temperature if temperature != 1.0 else logits
+    log_z = torch.logsumexp(scaled, dim=-1)  # [head, tok]
+    cross = torch.einsum("htv,tv->ht", scaled, targets.probs)
+    kl = targets.neg_entropy - cross + log_z
+    if grad_scale is None:
+        return kl, None
+    grad = torch.exp(scaled - log_z.unsqueeze(-1))
+    grad.sub_(targets.probs).mul_(grad_scale / temperature)
+    return kl, grad
+
+
+def _topk_kl(targets: Targets, lens_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL [head, tok] between distributions coarsened to the model's top k tokens plus one "rest" bucket,
+    a lower bound of the full KL. Differentiable through autograd."""
     lens_logp = torch.log_softmax(lens_logits / temperature, dim=-1)
-    if targets.logprobs is not None:
-        p = targets.logprobs.exp()
-        return (p * (targets.logprobs - lens_logp)).sum(-1)
-    # Top-k targets: KL between the distributions coarsened to the k tokens plus one "rest" bucket,
-    # a lower bound of the full KL.
     ids = targets.topk_ids.unsqueeze(0).expand(lens_logp.shape[0], -1, -1)
     lens_top = lens_logp.gather(-1, ids)  # [head, tok, k]
     p_top = targets.topk_logprobs.exp()
@@ -124,6 +149,7 @@ def blocked_head_kl(lens: Lens, features: torch.Tensor, targets: Targets, *, lay
     needs_grad = torch.is_grad_enabled() and (features.requires_grad or bool(params))
     feature_leaf = features.detach().requires_grad_(features.requires_grad and needs_grad)
     grad_inputs = ([feature_leaf] if feature_leaf.requires_grad else []) + (params if needs_grad else [])
+    needs_grad = needs_grad and bool(grad_inputs)
     grad_sums = [torch.zeros_like(t) for t in grad_inputs]
     kl_sum = torch.zeros(n_out_heads, device=features.device)
     top1 = torch.zeros(n_out_heads, device=features.device)
@@ -135,26 +161,37 @@ def blocked_head_kl(lens: Lens, features: torch.Tensor, targets: Targets, *, lay
         with torch.set_grad_enabled(needs_grad):
             logits = lens.project(feature_leaf[block])  # [head, tok, d_vocab]
             if layer_sum:
-                logits = logits.sum(0, keepdim=True) - (n_heads - 1) * lens.b_U if _shared_bias(lens) else logits.sum(0, keepdim=True)
+                logits = logits.sum(0, keepdim=True)
+                if _shared_bias(lens):
+                    logits = logits - (n_heads - 1) * lens.b_U  # count the shared b_U once
             logits = softcap(logits, lens.logit_softcap)
-            kl = _kl_block(block_targets, logits, temperature)  # [head, tok]
-        if needs_grad and grad_inputs:
-            block_grads = torch.autograd.grad(kl.sum() / normaliser, grad_inputs, allow_unused=True)
+
+        if block_targets.probs is not None:
+            kl, grad_logits = _dense_kl_and_grad(block_targets, logits.detach(), temperature,
+                                                 1.0 / normaliser if needs_grad else None)
+            if needs_grad:
+                block_grads = torch.autograd.grad(logits, grad_inputs, grad_outputs=grad_logits, allow_unused=True)
+        else:
+            with torch.set_grad_enabled(needs_grad):
+                kl = _topk_kl(block_targets, logits, temperature)
+            if needs_grad:
+                block_grads = torch.autograd.grad(kl.sum() / normaliser, grad_inputs, allow_unused=True)
+        if needs_grad:
             for total, grad in zip(grad_sums, block_grads):
                 if grad is not None:
                     total += grad
+
         with torch.no_grad():
             kl_sum += kl.detach().sum(-1)
             top1 += (logits.detach().argmax(-1) == block_targets.top1.unsqueeze(0)).sum(-1)
 
     loss = kl_sum.sum() / normaliser
     summary = HeadKL(kl_sum=kl_sum, top1_matches=top1, n_positions=n_tok)
-    if not (needs_grad and grad_inputs):
+    if not needs_grad:
         return loss, summary
     # Route the precomputed gradients through autograd: features continue into the lens's trunk.
-    outputs = _BlockedKL.apply(loss, len(grad_inputs), *([features] if feature_leaf.requires_grad else []),
-                               *params, *grad_sums)
-    return outputs, summary
+    inputs = ([features] if feature_leaf.requires_grad else []) + params
+    return _BlockedKL.apply(loss, len(inputs), *inputs, *grad_sums), summary
 
 
 def _shared_bias(lens: Lens) -> bool:
