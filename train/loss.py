@@ -79,7 +79,9 @@ def _dense_kl_and_grad(targets: Targets, logits: torch.Tensor, temperature: floa
     scaled = logits / temperature if temperature != 1.0 else logits
     log_z = torch.logsumexp(scaled, dim=-1)  # [head, tok]
     cross = torch.einsum("htv,tv->ht", scaled, targets.probs)
-    kl = targets.neg_entropy - cross + log_z
+    # Float32 rounding of the three terms leaves about -2e-7 nats for identical distributions; a KL
+    # is never negative, so clamp. The gradient below is exact either way.
+    kl = (targets.neg_entropy - cross + log_z).clamp_min_(0.0)
     if grad_scale is None:
         return kl, None
     grad = torch.exp(scaled - log_z.unsqueeze(-1))
