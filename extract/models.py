@@ -7,6 +7,7 @@ weight shapes for every architecture. Weights stay raw: no folding or centring.
 """
 
 import logging
+import struct
 import zipfile
 from dataclasses import dataclass
 from enum import Enum
@@ -205,7 +206,7 @@ def load_model(source: ModelSource, device: str = "cpu") -> LoadedModel:
     except ImportError as error:
         raise ModelLoadError(f"loading {source.name!r} needs a missing package ({error}); for .gguf files install "
                              "headlens[gguf]") from error
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error) as error:  # struct.error: truncated GGUF
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if source.kind is ModelSourceKind.HUB:
             hint = ("check the name, or pass a local Hugging Face directory or a .gguf file "

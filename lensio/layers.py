@@ -24,7 +24,8 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
         if not part:
             raise BadInputError(f"invalid layer spec {spec!r}: it has an empty item; {_SPEC_HELP}")
         bounds = part.split("-")
-        if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+        # isascii: str.isdigit also accepts characters such as '²' that int() rejects.
+        if len(bounds) > 2 or not all(b.strip().isascii() and b.strip().isdigit() for b in bounds):
             raise BadInputError(f"invalid layer spec {spec!r}: item {part!r} is not a layer or a range; {_SPEC_HELP}")
         first, last = int(bounds[0]), int(bounds[-1])
         if last < first:

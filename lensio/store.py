@@ -12,6 +12,7 @@ import zarr.errors
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from lensio.errors import StoreFormatError, StoreNotFoundError
+from lensio.lock import is_lock_file, local_store_path
 from lensio.schema import (
     ATTRS_KEY,
     FORMAT_VERSION,
@@ -52,11 +53,30 @@ def sequence_arrays(layout: StoreLayout) -> dict[str, tuple[tuple[int, ...], np.
     return arrays
 
 
+def is_local_folder_with_files(url: str) -> bool:
+    """True when ``url`` is a local folder that contains files other than store locks (URLs are not checked)."""
+    path = local_store_path(url)
+    return path is not None and path.is_dir() and any(not is_lock_file(entry.name) for entry in path.iterdir())
+
+
+def zarr_location(url: str) -> str:
+    """The location to pass to Zarr: a local path for plain paths and ``file://`` URLs, else the URL itself.
+
+    Zarr opens a ``file://`` URL through fsspec, which does not create parent folders and does not
+    write through a temporary file and a rename as Zarr's local store does.
+    """
+    path = local_store_path(url)
+    return str(path) if path is not None else url
+
+
 def open_group(url: str, mode: str) -> zarr.Group:
     """Open the Zarr group at ``url`` (a path or any fsspec URL)."""
     try:
-        return zarr.open_group(url, mode=mode)
+        return zarr.open_group(zarr_location(url), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
+        if is_local_folder_with_files(url):
+            raise StoreFormatError(f"{url!r} is a folder of other files, not a headlens store; pass a store made by "
+                                   "lens-extract") from error
         raise StoreNotFoundError(f"no store found at {url!r}; create one with lens-extract --out {url}") from error
     except (ValueError, zarr.errors.NodeTypeValidationError) as error:
         raise StoreFormatError(f"{url!r} is not a readable Zarr group ({error}); pass a store made by lens-extract") from error

@@ -13,7 +13,7 @@ from extract.config import ExtractConfig
 from extract.loop import check_numerics, run, run_batch
 from extract.packing import pack_documents
 from extract.text import iter_documents, parse_text_source
-from lensio.errors import BadInputError, DatasetError, NumericsError
+from lensio.errors import BadInputError, DatasetError, ModelLoadError, NumericsError
 from lensio.schema import LogitsMode, StoreDtype, z_path
 from lensio.store import open_store
 from tests.helpers_pipeline import (
@@ -360,7 +360,7 @@ def test_missing_hook_raises(tiny_gpt2_dir, monkeypatch):
 
     monkeypatch.setattr(model.bridge, "run_with_hooks", run_without_z_hook)
 
-    with pytest.raises(RuntimeError, match=r"blocks\.1\.attn\.hook_z"):
+    with pytest.raises(ModelLoadError, match=r"blocks\.1\.attn\.hook_z"):
         run_batch(model, torch.zeros((1, 4), dtype=torch.long), (0, 1), LogitsMode.FACTORED, 0)
 
 

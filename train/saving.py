@@ -46,15 +46,40 @@ def lens_config(lens: Lens, *, layer: int, objective: str, store: Store, metrics
     }
 
 
+def _remove_abandoned_siblings(out: Path) -> None:
+    """Delete staging and retired folders of ``out`` that saves killed earlier left behind.
+
+    Their names carry the saving process's pid, so folders of a save still running elsewhere are kept.
+    """
+    from lensio.lock import process_is_running
+
+    for sibling in out.parent.glob(f".{out.name}.*"):
+        kind, _, rest = sibling.name.removeprefix(f".{out.name}.").partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if process_is_running(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            # Killed between its two renames: the retired folder is the last complete lens, so put it back.
+            os.replace(sibling, out)
+            logger.warning("restored %s from %s, left by a save that was killed", out, sibling.name)
+            continue
+        logger.info("removing %s, left by a save that was killed", sibling)
+        shutil.rmtree(sibling, ignore_errors=True)
+
+
 def save_lens(lens: Lens, out_dir: str | Path, config: dict[str, Any]) -> Path:
     """Write the lens folder atomically: into a temporary sibling, then renamed into place.
 
-    A save killed half-way leaves only the temporary folder (named ``.{name}.tmp-*``), never a
-    half-written ``out_dir``; an existing ``out_dir`` is replaced only once the new one is complete.
+    A save killed half-way leaves only the temporary folder (named ``.{name}.tmp-{pid}-*``), never a
+    half-written ``out_dir``. An existing ``out_dir`` is replaced only once the new one is complete.
+    The next save removes such folders once their process is gone.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_abandoned_siblings(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in lens.state_dict().items()}
         save_file(state, staging / "lens.safetensors")
@@ -62,7 +87,11 @@ def save_lens(lens: Lens, out_dir: str | Path, config: dict[str, Any]) -> Path:
         if out.exists():
             retired = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, retired)
-            os.replace(staging, out)
+            try:
+                os.replace(staging, out)
+            except BaseException:
+                os.replace(retired, out)
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, out)
