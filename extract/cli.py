@@ -4,7 +4,7 @@ import logging
 
 import click
 
-from extract.config import ExtractConfig
+from extract.config import ExtractConfig, resolve_shards
 from extract.text import DEFAULT_DATASET
 from lensio.cli_common import configure_logging
 from lensio.schema import Compressor, LogitsMode, StoreDtype
@@ -35,17 +35,29 @@ logger = logging.getLogger(__name__)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
 @click.option("--chunk-sequences", type=int, default=None, help="Sequences per chunk [default: about 1 MiB of one layer's z].")
 @click.option("--chunks-per-shard", type=int, default=None, help="Chunks per shard file [default: up to 16].")
+@click.option("--num-shards", type=int, default=None,
+              help="Processes writing the store together, each with its own --shard-index "
+                   "[default: $WORLD_SIZE when set, else 1].")
+@click.option("--shard-index", type=int, default=None,
+              help="The shard this process writes, 0 to --num-shards - 1; shard 0 creates the store "
+                   "[default: $RANK when $WORLD_SIZE is set, else 0].")
 @click.option("--quiet", is_flag=True, help="Hide the progress bar and info logs.")
 def main(**options) -> None:
     """Extract per-head attention outputs of LAYERS and the final-norm output into a Zarr store."""
     quiet = options.pop("quiet")
     configure_logging(quiet)
+    num_shards, shard_index = resolve_shards(options.pop("num_shards"), options.pop("shard_index"))
     config = ExtractConfig(
         **{**options, "dtype": StoreDtype(options["dtype"]), "logits": LogitsMode(options["logits"]),
-           "compressor": Compressor(options["compressor"]), "progress": not quiet},
+           "compressor": Compressor(options["compressor"]), "progress": not quiet, "num_shards": num_shards,
+           "shard_index": shard_index},
     )
     from extract.loop import run
 
     result = run(config)
-    click.echo(f"store {result.store_url}: {result.n_sequences} sequences; wrote {result.tokens_written} tokens in "
-               f"{result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s)")
+    shard = f"shard {config.shard_index} of {config.num_shards}: " if config.num_shards > 1 else ""
+    click.echo(f"{shard}store {result.store_url}: {result.n_sequences} sequences; wrote {result.tokens_written} "
+               f"tokens in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s)")
+    if config.num_shards > 1:
+        state = "complete" if result.complete else "incomplete until the other shards finish"
+        click.echo(f"store {result.store_url}: {result.n_written} of {result.n_sequences} sequences written, {state}")

@@ -14,7 +14,7 @@ from extract.config import ExtractConfig
 from extract.models import LoadedModel, load_model, parse_model_source
 from extract.packing import pack_documents
 from extract.text import iter_documents, parse_text_source
-from lensio.errors import BadInputError, NumericsError
+from lensio.errors import BadInputError, ModelLoadError, NumericsError
 from lensio.layers import parse_layers
 from lensio.schema import FORMAT_VERSION, LogitsMode, StoreDtype, StoreLayout, validation_split, z_path
 from lensio.writer import BlockWriter, prepare_store
@@ -35,6 +35,10 @@ class ExtractionResult:
     tokens_written: int
     seconds: float
     resumed: bool
+    n_written: int
+    """Sequences of the store written so far by every shard, this one included."""
+    complete: bool
+    """Whether every block of the store is written, by this shard or others."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -60,7 +64,7 @@ def run_batch(model: LoadedModel, tokens: torch.Tensor, layers: tuple[int, ...],
     (a fifth of a small model's FLOPs) is never run.
 
     Raises:
-        RuntimeError: a requested hook did not fire.
+        ModelLoadError: a requested hook did not fire.
     """
     captured: dict[str, torch.Tensor] = {}
     stop_early = logits_mode is LogitsMode.FACTORED
@@ -84,7 +88,7 @@ def run_batch(model: LoadedModel, tokens: torch.Tensor, layers: tuple[int, ...],
 
     missing = [name for name in names if name not in captured]
     if missing:
-        raise RuntimeError(f"hooks {', '.join(missing)} did not fire for model {model.source.name!r}; this "
+        raise ModelLoadError(f"hooks {', '.join(missing)} did not fire for model {model.source.name!r}; this "
                            "architecture is not supported by the extraction hooks")
 
     arrays: dict[str, np.ndarray] = {}
@@ -124,10 +128,15 @@ def check_numerics(arrays: dict[str, np.ndarray], dtype: StoreDtype, first_seque
         value = data[index]
         where = f"{path}, sequence {first_sequence + int(index[0])}, position {int(index[1])}"
         if path.startswith("layers/"):
-            where += f", head {int(index[2])}"
+            layer = path.split("/")[1]
+            where = f"layer {layer}, head {int(index[2])}, sequence {first_sequence + int(index[0])}, position {int(index[1])}"
+        if np.isfinite(value) and path.startswith("layers/"):
+            raise NumericsError(f"value {value:.4g} in {where} overflows {dtype.value}; rerun with --dtype float32 "
+                                "(or bfloat16)")
         if np.isfinite(value):
-            raise NumericsError(f"value {value:.4g} in {where} overflows {dtype.value if path.startswith('layers/') else 'float16'}; "
-                                "rerun with --dtype float32 (or bfloat16)")
+            # final/normalized and final/logits are float16 whatever --dtype says.
+            raise NumericsError(f"value {value:.4g} in {where} overflows float16; rerun with --logits topk, which "
+                                "keeps the final distribution in float32")
         raise NumericsError(f"{value} in {where}: the model produced non-finite activations; check the model "
                             "weights, or rerun with --dtype float32")
 
@@ -146,6 +155,15 @@ def to_storage(arrays: dict[str, np.ndarray], dtype: StoreDtype) -> dict[str, np
         else:
             stored[path] = data
     return stored
+
+
+def shard_blocks(n_blocks: int, num_shards: int, shard_index: int) -> range:
+    """Return the blocks that shard ``shard_index`` of ``num_shards`` writes.
+
+    Each shard owns one contiguous range of whole blocks (so of whole Zarr shards), and the range
+    sizes differ by at most one block. Shards beyond the block count own nothing.
+    """
+    return range(n_blocks * shard_index // num_shards, n_blocks * (shard_index + 1) // num_shards)
 
 
 def run(config: ExtractConfig) -> ExtractionResult:
@@ -169,8 +187,8 @@ def run(config: ExtractConfig) -> ExtractionResult:
         d_model=model.d_model, d_vocab=model.d_vocab, layers=layers, dtype=config.dtype, logits=config.logits,
         top_k=config.top_k if config.logits is LogitsMode.TOPK else 0,
     )
-    if config.chunk_sequences:
-        layout = StoreLayout(**{**layout.__dict__, "seqs_per_chunk": config.chunk_sequences,
+    if config.chunk_sequences or config.chunks_per_shard:
+        layout = StoreLayout(**{**layout.__dict__, "seqs_per_chunk": config.chunk_sequences or layout.seqs_per_chunk,
                                 "chunks_per_shard": config.chunks_per_shard or layout.chunks_per_shard})
     val_start, n_val = validation_split(len(tokens))
     norm_record, _ = model.final_norm()
@@ -192,18 +210,28 @@ def run(config: ExtractConfig) -> ExtractionResult:
         "layout": layout.to_dict(),
         "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
     }
-    prepared = prepare_store(config.out, meta, tokens, model.params(layers), config.compressor, config.overwrite)
+    prepared = prepare_store(config.out, meta, tokens, model.params(layers), config.compressor, config.overwrite,
+                             shard_index=config.shard_index, num_shards=config.num_shards)
     store = prepared.store
     logger.info("extracting layers %s of %s: %d sequences x %d tokens, %d bytes per token before compression",
                 ",".join(map(str, layers)), source.name, layout.n_sequences, layout.context, layout.bytes_per_token)
 
-    pending_tokens = sum(end - start for start, end in map(layout.block_range, prepared.pending_blocks)) * layout.context
-    writer = BlockWriter(store)
+    owned = shard_blocks(layout.n_blocks, config.num_shards, config.shard_index)
+    pending_blocks = [block for block in prepared.pending_blocks if block in owned]
+    if config.num_shards > 1:
+        logger.info("shard %d of %d writes blocks %d-%d of %d (%d still pending)", config.shard_index,
+                    config.num_shards, owned.start, owned.stop - 1, layout.n_blocks, len(pending_blocks))
+        if not owned:
+            logger.warning("shard %d of %d owns no blocks: the store has only %d; use at most %d shards",
+                           config.shard_index, config.num_shards, layout.n_blocks, layout.n_blocks)
+    owned_tokens = sum(end - start for start, end in map(layout.block_range, owned)) * layout.context
+    pending_tokens = sum(end - start for start, end in map(layout.block_range, pending_blocks)) * layout.context
+    writer = BlockWriter(store, lock=prepared.lock)
     started = time.perf_counter()
-    progress = tqdm(total=layout.n_tokens, initial=layout.n_tokens - pending_tokens, unit="tok", unit_scale=True,
+    progress = tqdm(total=owned_tokens, initial=owned_tokens - pending_tokens, unit="tok", unit_scale=True,
                     desc="extract", disable=not config.progress)
     try:
-        for block in prepared.pending_blocks:
+        for block in pending_blocks:
             start, end = layout.block_range(block)
             parts: list[dict[str, np.ndarray]] = []
             for batch_start in range(start, end, config.batch_size):
@@ -218,7 +246,8 @@ def run(config: ExtractConfig) -> ExtractionResult:
         progress.close()
         writer.close()
     seconds = time.perf_counter() - started
-    result = ExtractionResult(config.out, layout.n_sequences, pending_tokens, seconds, prepared.resumed)
+    result = ExtractionResult(config.out, layout.n_sequences, pending_tokens, seconds, prepared.resumed,
+                              n_written=store.n_written, complete=store.complete)
     logger.info("wrote %d tokens to %s in %.1f s (%.0f tokens/s)", pending_tokens, config.out, seconds,
                 result.tokens_per_second)
     return result

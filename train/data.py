@@ -3,6 +3,7 @@
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lensio.errors import BadInputError
 from lensio.reader import LayerBatches
 from lensio.store import open_store
 
@@ -12,7 +13,7 @@ class LensDataModule(L.LightningDataModule):
 
     Args:
         val_tokens: held-out positions used for each validation pass (None for all of them).
-        num_workers: data-loader processes (started with spawn, which Zarr's threads need).
+        num_workers: data-loader processes per rank (started with spawn, which Zarr's threads need).
         last_position_only: train and validate on the last position of each sequence only.
     """
 
@@ -25,6 +26,10 @@ class LensDataModule(L.LightningDataModule):
         self.val_set: LayerBatches | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        if self.num_workers and self.store_url.startswith("memory://"):
+            # Spawned workers are new processes, and a memory:// store exists only in this one.
+            raise BadInputError(f"store {self.store_url!r} lives in this process's memory, so data-loader workers "
+                                "cannot read it; pass --num-workers 0 or a store on disk or object storage")
         store = open_store(self.store_url)
         store.z(self.layer)
         rank = self.trainer.global_rank if self.trainer else 0

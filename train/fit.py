@@ -1,5 +1,6 @@
 """The training run behind ``lens-train``: fit, keep the best checkpoint by held-out KL, save the lens."""
 
+import inspect
 import logging
 import shutil
 import time
@@ -10,7 +11,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from torch.nn.parallel import DistributedDataParallel
 
+from lensio.errors import BadInputError, StoreMismatchError
 from lensio.store import open_store
 from train.config import TrainConfig
 from train.data import LensDataModule
@@ -37,6 +41,63 @@ def checkpoint_dir(lens_dir: str) -> Path:
     return path.parent / f".{path.name}.checkpoints"
 
 
+# Hyperparameters of LightningLens that must match for a checkpoint to continue the same training.
+RESUME_KEYS = ("model_name", "lens", "layer_num", "store", "objective", "lr", "temperature", "lens_options")
+
+
+def resumable_checkpoint(ckpt_dir: Path, hparams: dict) -> Path | None:
+    """Find the ``last.ckpt`` of an interrupted run of the same training; return None to start afresh.
+
+    A checkpoint that cannot be read (for example a file truncated outside Lightning's atomic save) is
+    moved aside with a warning, so the run starts afresh instead of failing.
+
+    Raises:
+        StoreMismatchError: the checkpoint was written by a run with another setting in ``RESUME_KEYS``.
+    """
+    path = ckpt_dir / "last.ckpt"
+    if not path.is_file():
+        return None
+    try:
+        # mmap keeps the lens weights on disk: only the hyperparameters and the step are read here.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        saved, step = checkpoint["hyper_parameters"], int(checkpoint["global_step"])
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        aside = path.with_name(f"last.unreadable-{int(time.time())}.ckpt")
+        try:
+            path.rename(aside)
+        except FileNotFoundError:
+            pass  # another rank of a distributed run moved it first
+        logger.warning("checkpoint %s cannot be read (%s); moved it to %s and starting afresh", path, error, aside.name)
+        return None
+    for key in RESUME_KEYS:
+        if saved.get(key) != hparams.get(key):
+            raise StoreMismatchError(f"cannot resume from checkpoint {path}: {key} is {saved.get(key)!r} there and "
+                                     f"{hparams.get(key)!r} in this run; rerun with the original settings, or delete "
+                                     f"{ckpt_dir} to start afresh")
+    logger.info("resuming from checkpoint %s at step %d", path, step)
+    return path
+
+
+def lightning_strategy(name: str) -> str | Strategy:
+    """Return the Lightning strategy for ``--strategy``. Names other than ``ddp`` go to Lightning unchanged.
+
+    DDP broadcasts module buffers from rank 0 before every forward pass by default. The lens's
+    buffers (W_U, W_O, the final norm) are frozen copies of the store's parameters, identical on
+    every rank, and W_U alone is 154 MB for GPT-2, so ``ddp`` turns that broadcast off.
+    """
+    if name.startswith("fsdp") and not torch.cuda.is_available():
+        # Lightning 2.6 raises a ValueError with a traceback for FSDP on CPU, so report it in one line instead.
+        raise BadInputError(f"--strategy {name} needs CUDA GPUs and none is available; use --strategy ddp, "
+                            "which runs on CPUs too")
+    if name != "ddp":
+        # NOTE: fsdp is passed to Lightning as is and has not been run on GPUs with this code.
+        return name
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers and deprecated the old name.
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DDPStrategy(forward_sync_buffers=False)
+    return DDPStrategy(broadcast_buffers=False)
+
+
 def _train_one(config: TrainConfig, kind: str, store) -> TrainedLens:
     out = config.lens_dir(kind)
     started = time.perf_counter()
@@ -57,22 +118,23 @@ def _train_one(config: TrainConfig, kind: str, store) -> TrainedLens:
                            save_last=True)
     trainer = L.Trainer(
         max_steps=config.max_steps, val_check_interval=min(config.val_every, config.max_steps),
-        check_val_every_n_epoch=None, devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
+        check_val_every_n_epoch=None, devices=config.devices, num_nodes=config.num_nodes,
+        strategy=lightning_strategy(config.strategy),
         precision=config.precision, default_root_dir=ckpt_dir, logger=CSVLogger(ckpt_dir, name="logs"),
         callbacks=[best], enable_model_summary=False, enable_progress_bar=config.progress,
         log_every_n_steps=max(1, min(50, config.val_every)), num_sanity_val_steps=0,
     )
-    resume = ckpt_dir / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None)
-    if resume.is_file() and trainer.global_step == 0:
-        logger.info("resumed from %s", resume)
+    resume = resumable_checkpoint(ckpt_dir, dict(module.hparams))
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
 
     best_kl = float(best.best_model_score) if best.best_model_score is not None else None
-    if best.best_model_path:
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
     seconds = time.perf_counter() - started
+    # Only rank 0 saves the lens. The other ranks must not read the checkpoint, which rank 0 deletes
+    # below and which sits on rank 0's machine when the nodes share no file system.
     if trainer.global_rank == 0:
+        if best.best_model_path:
+            state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+            module.load_state_dict(state)
         metrics = {"best_val_kl_nats": best_kl, "steps": trainer.global_step}
         training = {"lr": config.lr, "batch_tokens": config.batch_tokens, "max_steps": config.max_steps,
                     "seed": config.seed, "precision": config.precision, "seconds": round(seconds, 1)}
