@@ -56,7 +56,12 @@ def train_main(**options) -> None:
         val_tokens=options["val_tokens"] or None, devices=int(devices) if devices.isdigit() else devices,
         progress=not quiet,
     )
-    for trained in run(config):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    results = run(config)
+    if rank_zero_only.rank != 0:
+        return  # under DDP every rank returns here; rank 0 alone reports, as it alone saved the lenses
+    for trained in results:
         kl = f"{trained.best_val_kl:.4f} nats" if trained.best_val_kl is not None else "not validated"
         click.echo(f"{trained.lens} lens for layer {config.layer}: {trained.path} (held-out KL {kl}, "
                    f"{trained.steps} steps, {trained.seconds:.0f} s)")
@@ -65,35 +70,61 @@ def train_main(**options) -> None:
 @click.command(context_settings=CONTEXT)
 @click.option("--store", required=True, help="Store path or URL with held-out sequences.")
 @click.option("--lens", "lens_dirs", multiple=True, required=True,
-              help="Lens folder; repeat the option or list several after it.")
+              help="Lens folder; repeat the option or list several after it. Lenses may differ in kind and layer.")
 @click.argument("more_lens_dirs", nargs=-1)
-@click.option("--out", required=True, help="Report folder for metrics.json, metrics.csv and heatmap.png.")
+@click.option("--out", required=True,
+              help="Report folder for metrics.json, metrics.csv and heatmap.png (and report.html with --report).")
+@click.option("--report", "html_report", is_flag=True,
+              help="Also write report.html: heatmaps, differences to the baseline and each head's top tokens.")
 @click.option("--max-tokens", type=int, default=None, help="Held-out positions to evaluate per layer [default: all].")
 @click.option("--batch-tokens", type=int, default=512, help="Positions per evaluation batch.")
 @click.option("--no-baseline", is_flag=True, help="Skip the DLA baseline.")
 @click.option("--quiet", is_flag=True, help="Hide progress bars and info logs.")
-def eval_main(store: str, lens_dirs: tuple[str, ...], more_lens_dirs: tuple[str, ...], out: str,
+def eval_main(store: str, lens_dirs: tuple[str, ...], more_lens_dirs: tuple[str, ...], out: str, html_report: bool,
               max_tokens: int | None, batch_tokens: int, no_baseline: bool, quiet: bool) -> None:
     """Evaluate lenses and the DLA baseline per head on the store's held-out sequences."""
     configure_logging(quiet)
     from lensio.errors import BadInputError
     from lensio.store import open_store
-    from train.evaluate import evaluate, write_reports
+    from train.evaluate import evaluate_details, write_reports
     from train.saving import load_lens
 
     if max_tokens is not None and max_tokens <= 0:
         raise BadInputError(f"--max-tokens must be positive, got {max_tokens}")
+    if batch_tokens <= 0:
+        raise BadInputError(f"--batch-tokens must be positive, got {batch_tokens}")
+    paths = _distinct_lens_dirs((*lens_dirs, *more_lens_dirs))
     opened = open_store(store)
-    lenses = [load_lens(path, opened) for path in (*lens_dirs, *more_lens_dirs)]
-    rows = evaluate(opened, lenses, max_tokens=max_tokens, batch_tokens=batch_tokens, baseline=not no_baseline,
-                    progress=not quiet)
-    paths = write_reports(rows, out)
-    click.echo(summarise(rows))
-    click.echo(f"report: {paths['json']}, {paths['csv']}, {paths['heatmap']}")
+    lenses = [load_lens(path, opened) for path in paths]
+    evaluation = evaluate_details(opened, lenses, paths=paths, max_tokens=max_tokens, batch_tokens=batch_tokens,
+                                  baseline=not no_baseline, progress=not quiet)
+    written = list(write_reports(evaluation.rows, out).values())
+    if html_report:
+        from train.report import write_html_report
+
+        written.append(write_html_report(evaluation, out))
+    click.echo(summarise(evaluation.rows))
+    click.echo(f"report: {', '.join(str(path) for path in written)}")
+
+
+def _distinct_lens_dirs(paths: tuple[str, ...]) -> list[str]:
+    """Reject a lens folder given twice, which would be evaluated twice under two names."""
+    from pathlib import Path
+
+    from lensio.errors import BadInputError
+
+    seen: dict[Path, str] = {}
+    for path in paths:
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise BadInputError(f"lens folder {path!r} is given twice (also as {seen[resolved]!r}); pass each once")
+        seen[resolved] = path
+    return list(paths)
 
 
 def summarise(rows) -> str:
-    """A few lines: mean KL and top-1 agreement per lens and layer, and heads where the lens beats DLA."""
+    """Summarise per lens and layer in one line each: mean KL, bits per byte, cross-entropy, top-1 agreement and
+    the heads where the lens beats DLA."""
     from collections import defaultdict
 
     groups = defaultdict(list)
@@ -103,7 +134,12 @@ def summarise(rows) -> str:
     for (layer, lens), group in sorted(groups.items()):
         kl = sum(r.kl_nats for r in group) / len(group)
         top1 = sum(r.top1_agreement for r in group) / len(group)
-        line = f"layer {layer} {lens:<10} mean KL {kl:.3f} nats, top-1 agreement {top1:.1%}"
+        line = f"layer {layer} {lens:<10} mean KL {kl:.3f} nats"
+        if all(r.kl_bits_per_byte is not None for r in group):
+            line += f" ({sum(r.kl_bits_per_byte for r in group) / len(group):.4f} bits/byte)"
+        if all(r.ce_nats is not None for r in group):
+            line += f", cross-entropy {sum(r.ce_nats for r in group) / len(group):.3f} nats"
+        line += f", top-1 agreement {top1:.1%}"
         baseline = {r.head: r.kl_nats for r in groups.get((layer, "dla"), [])}
         if lens != "dla" and baseline:
             better = sum(1 for r in group if r.kl_nats < baseline.get(r.head, float("inf")))
