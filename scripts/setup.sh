@@ -17,9 +17,15 @@ fi
 pip_install() {
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 }
-pip_install --upgrade pip
-pip_install "${TORCH_SPEC:-torch==2.13.0}"
-pip_install -e ".[dev,gguf]"
+# A stamp of what was installed lets a second run skip pip when nothing changed.
+stamp=.venv/.headlens-installed
+wanted="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) ${TORCH_SPEC:-torch==2.13.0}"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  pip_install --upgrade pip
+  pip_install "${TORCH_SPEC:-torch==2.13.0}"
+  pip_install -e ".[dev,gguf]"
+  echo "$wanted" > "$stamp"
+fi
 .venv/bin/python -c 'import torch, zarr, lightning, transformer_lens, extract, lensio, train' \
   || { echo "setup failed: the packages above did not install; see pip's messages" >&2; exit 1; }
 echo "headlens installed in $(pwd)/.venv (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"
