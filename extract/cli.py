@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 @click.option("--logits", type=click.Choice([m.value for m in LogitsMode]), default=LogitsMode.FACTORED.value,
               help="How the model's distribution is kept: final-norm output (exact, small), full fp16 logits, or top-k log-probs.")
 @click.option("--top-k", type=int, default=64, help="Log-probs kept per position with --logits topk.")
-@click.option("--compressor", type=click.Choice([c.value for c in Compressor]), default=Compressor.NONE.value,
+@click.option("--compressor", type=click.Choice([c.value for c in Compressor]), default=Compressor.ZSTD.value,
               help="Lossless codec for every chunk.")
 @click.option("--seed", type=int, default=0, help="Seed of the document order.")
 @click.option("--revision", default=None, help="Hub revision of the model (names only).")

@@ -37,7 +37,9 @@ class ExtractConfig:
     logits: LogitsMode = LogitsMode.FACTORED
     top_k: int = 64
     """Log-probs kept per position with ``logits=topk``."""
-    compressor: Compressor = Compressor.NONE
+    compressor: Compressor = Compressor.ZSTD
+    """Chunk codec. zstd level 1 stores SmolLM2 activations in 15% less space than none, and its write
+    speed (27k tokens/s in bench/store_size.py on a 2-core CPU) is 100x the model's extraction speed."""
     seed: int = 0
     revision: str | None = None
     overwrite: bool = False

@@ -14,7 +14,7 @@ from extract.loop import check_numerics, run, run_batch
 from extract.packing import pack_documents
 from extract.text import iter_documents, parse_text_source
 from lensio.errors import BadInputError, DatasetError, ModelLoadError, NumericsError
-from lensio.schema import LogitsMode, StoreDtype, z_path
+from lensio.schema import Compressor, LogitsMode, StoreDtype, z_path
 from lensio.store import open_store
 from tests.helpers_pipeline import (
     CONTEXT,
@@ -214,7 +214,8 @@ def test_extraction_deterministic(float32_store, tmp_path, text_corpus_dir):
     url, model_dir = float32_store
     again = str(tmp_path / "again.zarr")
     run(ExtractConfig(model=str(model_dir), layers="all", dataset=str(text_corpus_dir), out=again, context=CONTEXT,
-                      tokens=640, dtype=StoreDtype.FLOAT32, chunk_sequences=4, chunks_per_shard=2, progress=False))
+                      tokens=640, dtype=StoreDtype.FLOAT32, chunk_sequences=4, chunks_per_shard=2, progress=False,
+                      compressor=Compressor.NONE))
     first, second = all_arrays(url), all_arrays(again)
 
     assert sorted(first) == sorted(second)
