@@ -76,6 +76,9 @@ def workspace(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir, text_corpus_dir) 
     future_store = root / "future.zarr"
     shutil.copytree(gpt2_store, future_store)
     set_format_version(future_store, 99)
+    incomplete_store = root / "incomplete.zarr"
+    shutil.copytree(gpt2_store, incomplete_store)
+    zarr.open_group(str(incomplete_store), mode="r+")["progress/done"][0] = 0
     plain_group = zarr.open_group(str(root / "plain.zarr"), mode="w")
     plain_group.create_array("x", shape=(2,), dtype="int32")
 
@@ -90,7 +93,7 @@ def workspace(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir, text_corpus_dir) 
         "gpt2": str(tiny_gpt2_dir), "corpus": str(text_corpus_dir), "jsonl": str(text_corpus_dir / "records.jsonl"),
         "store": str(gpt2_store), "layer0_store": str(layer0_store), "llama_store": str(llama_store),
         "lens": str(gpt2_lens), "future": str(future_store), "plain": str(root / "plain.zarr"),
-        "root": str(root), "new": str(root / "new.zarr"),
+        "root": str(root), "new": str(root / "new.zarr"), "incomplete": str(incomplete_store),
     }
     return Workspace(root=root, paths=paths)
 
@@ -172,6 +175,11 @@ CASES = [
     ("train layer negative", "train", train_with(layer="-1"), "-1"),
     ("train lens unknown", "train", train_with(lens="bogus"), "'bogus'"),
     ("train batch tokens zero", "train", train_with(batch_tokens="0"), "--batch-tokens must be positive, got 0"),
+    ("train out is a file", "train", train_with(out="{root}/a-file.txt"), "a-file.txt"),
+    ("train out not a lens", "train", train_with(out="{root}/lenses"), "does not hold a lens"),
+    ("train store incomplete", "train", train_with(store="{incomplete}"), "incomplete"),
+    ("eval store incomplete", "eval", ["--store", "{incomplete}", "--lens", "{lens}", "--out", "{root}/report",
+                                       "--quiet"], "incomplete"),
     ("eval lens other model", "eval", ["--store", "{llama_store}", "--lens", "{lens}", "--out", "{root}/report",
                                        "--quiet"], "W_U differs"),
     ("eval lens layer not in store", "eval", ["--store", "{layer0_store}", "--lens", "{lens}", "--out",

@@ -95,6 +95,9 @@ def eval_main(store: str, lens_dirs: tuple[str, ...], more_lens_dirs: tuple[str,
         raise BadInputError(f"--batch-tokens must be positive, got {batch_tokens}")
     paths = _distinct_lens_dirs((*lens_dirs, *more_lens_dirs))
     opened = open_store(store)
+    from train.fit import check_store_complete
+
+    check_store_complete(opened)
     lenses = [load_lens(path, opened) for path in paths]
     evaluation = evaluate_details(opened, lenses, paths=paths, max_tokens=max_tokens, batch_tokens=batch_tokens,
                                   baseline=not no_baseline, progress=not quiet)

@@ -14,13 +14,13 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from torch.nn.parallel import DistributedDataParallel
 
-from lensio.errors import BadInputError, StoreMismatchError
+from lensio.errors import BadInputError, StoreFormatError, StoreMismatchError
 from lensio.store import open_store
 from train.config import TrainConfig
 from train.data import LensDataModule
 from train.lenses import DLALens, frozen_parts_from_store
 from train.module import LightningLens
-from train.saving import lens_config, save_lens
+from train.saving import check_lens_destination, lens_config, save_lens
 
 logger = logging.getLogger(__name__)
 
@@ -148,4 +148,14 @@ def run(config: TrainConfig) -> list[TrainedLens]:
     """Train every lens kind of ``config`` on one layer of the store."""
     store = open_store(config.store)
     store.z(config.layer)
+    check_store_complete(store)
+    for kind in config.lenses:
+        check_lens_destination(config.lens_dir(kind))  # before training, not after it
     return [_train_one(config, kind, store) for kind in config.lenses]
+
+
+def check_store_complete(store) -> None:
+    """Reject a store whose extraction has not finished: its unwritten sequences hold zeros."""
+    if not store.complete:
+        raise StoreFormatError(f"store {store.url!r} is incomplete: {store.n_written} of {store.layout.n_sequences} "
+                               "sequences written; rerun the same lens-extract command to finish it")

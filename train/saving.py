@@ -41,7 +41,7 @@ def lens_config(lens: Lens, *, layer: int, objective: str, store: Store, metrics
         "shapes": {"n_heads": lens.n_heads, "d_head": lens.d_head, "d_model": lens.d_model, "d_vocab": lens.d_vocab},
         "final_norm": {"kind": lens.norm_kind.value, "eps": lens.norm_eps}, "logit_softcap": lens.logit_softcap,
         "W_U_sha256": tensor_sha256(lens.W_U),
-        "store": {"url": store.url, "model": store.meta["model"]["name"], "tokens_sha256": store.meta["tokens_sha256"]},
+        "store": {"url": store.url if "://" in store.url else os.path.abspath(store.url), "model": store.meta["model"]["name"], "tokens_sha256": store.meta["tokens_sha256"]},
         "metrics": metrics or {}, "training": training or {},
     }
 
@@ -69,6 +69,20 @@ def _remove_abandoned_siblings(out: Path) -> None:
         shutil.rmtree(sibling, ignore_errors=True)
 
 
+def check_lens_destination(out_dir: str | Path) -> None:
+    """Reject an output path that holds something other than a lens folder, which saving would replace.
+
+    Raises:
+        LensError: the path is a file, or a non-empty folder without a lens's ``config.json``.
+    """
+    out = Path(out_dir)
+    if out.is_file():
+        raise LensError(f"lens output {str(out)!r} is a file; pass a folder path with --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise LensError(f"lens output {str(out)!r} is a folder that does not hold a lens, and saving would replace "
+                        "it; pass a new or empty folder with --out")
+
+
 def save_lens(lens: Lens, out_dir: str | Path, config: dict[str, Any]) -> Path:
     """Write the lens folder atomically: into a temporary sibling, then renamed into place.
 
@@ -77,6 +91,7 @@ def save_lens(lens: Lens, out_dir: str | Path, config: dict[str, Any]) -> Path:
     The next save removes such folders once their process is gone.
     """
     out = Path(out_dir)
+    check_lens_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_siblings(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
