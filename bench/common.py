@@ -20,7 +20,7 @@ DEFAULT_CORPUS = REPO / "demo-out" / "corpus"
 
 
 def gguf_path() -> Path:
-    """The SmolLM2 GGUF file: $HEADLENS_BENCH_GGUF, else the demo's copy (run scripts/demo.sh once first)."""
+    """Return the SmolLM2 GGUF file: $HEADLENS_BENCH_GGUF, else the demo's copy (run scripts/demo.sh once first)."""
     path = Path(os.environ.get("HEADLENS_BENCH_GGUF", DEFAULT_GGUF))
     if not path.is_file():
         sys.exit(f"model file {path} not found: run scripts/demo.sh once, or set HEADLENS_BENCH_GGUF")

@@ -28,7 +28,7 @@ class _StopAfterFinalNorm(Exception):
 
 @dataclass
 class ExtractionResult:
-    """What one ``lens-extract`` run did."""
+    """Summary of one ``lens-extract`` run."""
 
     store_url: str
     n_sequences: int
@@ -134,7 +134,7 @@ def check_numerics(arrays: dict[str, np.ndarray], dtype: StoreDtype, first_seque
             raise NumericsError(f"value {value:.4g} in {where} overflows {dtype.value}; rerun with --dtype float32 "
                                 "(or bfloat16)")
         if np.isfinite(value):
-            # final/normalized and final/logits are float16 whatever --dtype says.
+            # final/normalized and final/logits are stored as float16 whatever --dtype is.
             raise NumericsError(f"value {value:.4g} in {where} overflows float16; rerun with --logits topk, which "
                                 "keeps the final distribution in float32")
         raise NumericsError(f"{value} in {where}: the model produced non-finite activations; check the model "
@@ -167,7 +167,7 @@ def shard_blocks(n_blocks: int, num_shards: int, shard_index: int) -> range:
 
 
 def run(config: ExtractConfig) -> ExtractionResult:
-    """Extract activations as ``config`` says and return what was written."""
+    """Extract activations with the settings in ``config`` and return a summary of the run."""
     torch.manual_seed(config.seed)
     source = parse_model_source(config.model, config.revision)
     text_source = parse_text_source(config.dataset, config.split, config.text_column)

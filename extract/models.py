@@ -31,7 +31,7 @@ class ModelSourceKind(str, Enum):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: ``name`` is the resolved name recorded in the store."""
+    """Origin of a model. ``name`` is the resolved name recorded in the store."""
 
     kind: ModelSourceKind
     name: str
@@ -126,7 +126,7 @@ class LoadedModel:
         return float(cap) if cap else None
 
     def model_record(self) -> dict[str, Any]:
-        """The ``model`` group attribute: identity and shapes."""
+        """Build the ``model`` group attribute: identity and shapes."""
         return {
             "name": self.source.name, "source": self.source.kind.value, "path": self.source.path,
             "revision": self.source.revision, "architecture": str(self.cfg.architecture),

@@ -34,7 +34,7 @@ def pack_documents(tokenizer, documents: Iterable[str], context: int, max_tokens
     Raises:
         DatasetError: the text yields fewer than ``context`` tokens.
     """
-    wanted_sequences = None if max_tokens is None else max_tokens // context
+    max_sequences = None if max_tokens is None else max_tokens // context
     stream: list[int] = []
     sequences: list[np.ndarray] = []
     batch: list[str] = []
@@ -53,18 +53,18 @@ def pack_documents(tokenizer, documents: Iterable[str], context: int, max_tokens
         batch.append(text)
         if len(batch) >= TOKENIZE_BATCH:
             flush()
-            if wanted_sequences is not None and sum(len(s) for s in sequences) >= wanted_sequences:
+            if max_sequences is not None and sum(len(s) for s in sequences) >= max_sequences:
                 break
     else:
         flush()
 
     packed = np.concatenate(sequences) if sequences else np.zeros((0, context), dtype=np.int32)
-    if wanted_sequences is not None:
-        packed = packed[:wanted_sequences]
+    if max_sequences is not None:
+        packed = packed[:max_sequences]
     if len(packed) == 0:
         raise DatasetError(f"the corpus is too short: it yields {len(stream)} tokens, fewer than one sequence of "
                            f"--context {context}; add text or lower --context")
-    if wanted_sequences is not None and len(packed) < wanted_sequences:
+    if max_sequences is not None and len(packed) < max_sequences:
         logger.warning("the corpus yields %d tokens, fewer than --tokens %d; extracting all of it",
                        packed.size, max_tokens)
     return packed

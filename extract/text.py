@@ -31,7 +31,7 @@ class TextSource:
         return bool(self.files)
 
     def record(self) -> dict[str, Any]:
-        """The ``dataset`` group attribute: enough to tell whether a resumed run reads the same text."""
+        """Build the ``dataset`` group attribute, which tells whether a resumed run reads the same text."""
         if not self.is_local:
             return {"kind": "hub", "name": self.value, "split": self.split, "text_column": self.text_column}
         digest = hashlib.sha256()

@@ -23,7 +23,7 @@ class StoreNotFoundError(HeadlensError, FileNotFoundError):
 
 
 class StoreFormatError(HeadlensError, ValueError):
-    """The location holds something that is not a readable headlens store of this format version."""
+    """The location contains something that is not a readable headlens store of this format version."""
 
 
 class StoreMismatchError(HeadlensError, ValueError):
@@ -47,7 +47,7 @@ class ModelLoadError(HeadlensError, ValueError):
 
 
 class DatasetError(HeadlensError, ValueError):
-    """The text source could not be read or holds too little text."""
+    """The text source could not be read or contains too little text."""
 
 
 class LensError(HeadlensError, ValueError):

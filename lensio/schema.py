@@ -58,7 +58,7 @@ class StoreDtype(str, Enum):
 
 
 class LogitsMode(str, Enum):
-    """How the model's final distribution is kept."""
+    """Form in which the model's final distribution is stored."""
 
     FACTORED = "factored"
     FULL = "full"

@@ -111,7 +111,7 @@ class Store:
             from lensio.errors import BadInputError
 
             raise BadInputError(
-                f"layer {layer} is not in store {self.url!r}, which holds layers "
+                f"layer {layer} is not in store {self.url!r}, which contains layers "
                 f"{','.join(map(str, self.layers))}; pick one of those or extract layer {layer}"
             )
         return self.group[z_path(layer)]

@@ -324,7 +324,7 @@ class BlockWriter:
             if item is None:
                 return
             if self._error is not None:
-                continue  # drain without writing, so the producer never blocks on a full queue
+                continue  # drain without writing, so a producer blocked in submit is released
             block, arrays = item
             try:
                 write_block(self.store, block, arrays)

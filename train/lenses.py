@@ -71,7 +71,7 @@ def final_norm(x: torch.Tensor, parts: "Lens", scale: torch.Tensor | None = None
 class Lens(nn.Module):
     """Base class: frozen model tensors as buffers, trainable tensors as parameters.
 
-    Buffers ``W_U`` and ``b_U`` are not saved with a lens (the store holds them and a hash checks
+    Buffers ``W_U`` and ``b_U`` are not saved with a lens (the store contains them and a hash checks
     them on load); every other tensor is.
     """
 

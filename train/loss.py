@@ -119,7 +119,7 @@ class _BlockedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss, n_inputs, *inputs_then_grads):
-        # inputs_then_grads holds the n_inputs tensors that receive gradients, then their gradients.
+        # inputs_then_grads contains the n_inputs tensors that receive gradients, then their gradients.
         ctx.n_inputs = n_inputs
         ctx.save_for_backward(*inputs_then_grads[n_inputs:])
         return loss.clone()
@@ -150,7 +150,11 @@ def blocked_head_kl(lens: Lens, features: torch.Tensor, targets: Targets, *, lay
     params = [p for p in lens.parameters() if p.requires_grad]
     needs_grad = torch.is_grad_enabled() and (features.requires_grad or bool(params))
     feature_leaf = features.detach().requires_grad_(features.requires_grad and needs_grad)
-    grad_inputs = ([feature_leaf] if feature_leaf.requires_grad else []) + (params if needs_grad else [])
+    grad_inputs: list[torch.Tensor] = []
+    if feature_leaf.requires_grad:
+        grad_inputs.append(feature_leaf)
+    if needs_grad:
+        grad_inputs.extend(params)
     needs_grad = needs_grad and bool(grad_inputs)
     grad_sums = [torch.zeros_like(t) for t in grad_inputs]
     kl_sum = torch.zeros(n_out_heads, device=features.device)

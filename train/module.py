@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 class Objective(str, Enum):
-    """What the loss fits: each head's lens alone, or the sum of the layer's head lenses."""
+    """Target of the loss: each head's lens alone, or the sum of the layer's head lenses."""
 
     PER_HEAD = "per-head"
     LAYER_SUM = "layer-sum"

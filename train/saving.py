@@ -1,6 +1,6 @@
 """Saving and loading trained lenses: a folder with ``config.json`` and ``lens.safetensors``.
 
-The folder holds the lens's own tensors and the layer's W_O and final-norm weights. W_U and b_U
+The folder contains the lens's own tensors and the layer's W_O and final-norm weights. W_U and b_U
 (tens to hundreds of MB) are read from a store of the same model at load time; a SHA-256 of W_U
 recorded at training time makes sure they are the ones the lens was trained with.
 """
@@ -34,7 +34,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 def lens_config(lens: Lens, *, layer: int, objective: str, store: Store, metrics: dict[str, Any] | None = None,
                 training: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``config.json`` record of a lens trained on ``store``."""
+    """Build the ``config.json`` record of a lens trained on ``store``."""
     return {
         "format": LENS_FORMAT, "format_version": LENS_FORMAT_VERSION, "lens": lens.kind, "objective": objective,
         "layer": layer, "options": lens.options,
@@ -70,7 +70,7 @@ def _remove_abandoned_siblings(out: Path) -> None:
 
 
 def check_lens_destination(out_dir: str | Path) -> None:
-    """Reject an output path that holds something other than a lens folder, which saving would replace.
+    """Reject an output path that contains something other than a lens folder, which saving would replace.
 
     Raises:
         LensError: the path is a file, or a non-empty folder without a lens's ``config.json``.
