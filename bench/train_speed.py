@@ -1,8 +1,8 @@
 """T2, T3 and M1: how close a lens training step gets to the machine's matmul speed, whether the reader
 keeps up with it, and its peak memory.
 
-Usage: .venv/bin/python bench/train_speed.py [--store demo-out/acts.zarr] [--layer 28]
-       [--tokens 256] [--m1-tokens 4096] [--skip-m1] [--dtype float32]
+Usage: .venv/bin/python -m bench.train_speed [--store demo-out/acts.zarr] [--layer 28]
+       [--tokens 256] [--m1-tokens 4096] [--skip-m1] [--dtype float32] [--block-mb 256] [--device cpu]
 
 T3 times optimizer steps of the ``full`` and ``translator`` lenses on SmolLM2 shapes (9 heads,
 d_model 576, d_vocab 49152) and divides the FLOP/s they achieve by the FLOP/s of a plain matmul
@@ -22,7 +22,7 @@ import torch
 from bench.common import REPO, Timer, emit, matmul_flops
 from lensio.schema import FinalNorm
 from train.lenses import LENS_REGISTRY, FrozenParts
-from train.loss import DEFAULT_BLOCK_BYTES, Targets, blocked_head_kl
+from train.loss import DEFAULT_BLOCK_BYTES, blocked_head_kl, targets_from_batch
 
 SMOLLM2 = {"n_heads": 9, "d_head": 64, "d_model": 576, "d_vocab": 49152}
 
@@ -55,7 +55,7 @@ def make_optimizer(params):
         return torch.optim.Adam(params, lr=1e-4, foreach=False)
 
 
-def time_step(kind: str, n_tok: int, device: str, dtype: torch.dtype, repeats: int = 2) -> float:
+def time_step(kind: str, n_tok: int, device: str, dtype: torch.dtype, block_bytes: int, repeats: int = 2) -> float:
     """Seconds of one optimizer step (median of ``repeats`` after a warm-up)."""
     dims = SMOLLM2
     parts = synthetic_parts(torch.float32, device, **dims)
@@ -66,9 +66,9 @@ def time_step(kind: str, n_tok: int, device: str, dtype: torch.dtype, repeats: i
     times = []
     for _ in range(repeats + 1):
         with Timer() as timer, torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            targets = Targets.from_logits(normalized @ lens.W_U + lens.b_U)
+            targets = targets_from_batch({"normalized": normalized}, lens.W_U, lens.b_U, None)
             features = lens.features(lens.head_outputs(z), None)
-            loss, _ = blocked_head_kl(lens, features, targets)
+            loss, _ = blocked_head_kl(lens, features, targets, block_bytes=block_bytes)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -106,16 +106,15 @@ def peak_memory_child(n_tok: int, device: str) -> dict:
     baseline = rss_kib("VmRSS:")
     lens = LENS_REGISTRY["full"](parts)
     optimizer = make_optimizer([lens.weight, lens.bias])
-    targets = Targets.from_logits(normalized @ lens.W_U + lens.b_U)
+    targets = targets_from_batch({"normalized": normalized}, lens.W_U, lens.b_U, None)  # built per block
     loss, _ = blocked_head_kl(lens, lens.features(lens.head_outputs(z), None), targets)
     loss.backward()
     optimizer.step()
     peak = (rss_kib("VmHWM:") - baseline) * 1024
     params = sum(p.numel() * p.element_size() for p in (lens.weight, lens.bias))
-    targets_bytes = targets.probs.numel() * 4 * 2  # probabilities and the target logits they came from
     budget = params * 3 + DEFAULT_BLOCK_BYTES
     return {"tokens": n_tok, "peak_growth_bytes": peak, "params_bytes": params, "adam_state_bytes": 2 * params,
-            "logits_block_bytes": DEFAULT_BLOCK_BYTES, "targets_bytes": targets_bytes, "M1_ratio": peak / budget}
+            "logits_block_bytes": DEFAULT_BLOCK_BYTES, "M1_ratio": peak / budget}
 
 
 def main() -> None:
@@ -126,6 +125,8 @@ def main() -> None:
     parser.add_argument("--m1-tokens", type=int, default=4096)
     parser.add_argument("--skip-m1", action="store_true")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--block-mb", type=int, default=DEFAULT_BLOCK_BYTES >> 20,
+                        help="memory bound of one block of float32 logits in the loss")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--m1-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,11 +136,12 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     dims = SMOLLM2
-    results: dict = {"device": args.device, "dtype": args.dtype, "tokens_per_step": args.tokens}
+    results: dict = {"device": args.device, "dtype": args.dtype, "tokens_per_step": args.tokens,
+                     "block_mb": args.block_mb}
     peak_matmul = matmul_flops(dtype, args.device)
     results["matmul_flops"] = peak_matmul
     for kind in ("full", "translator"):
-        seconds = time_step(kind, args.tokens, args.device, dtype)
+        seconds = time_step(kind, args.tokens, args.device, dtype, args.block_mb << 20)
         flops = step_flops(kind, args.tokens, dims["n_heads"], dims["d_model"], dims["d_vocab"]) / seconds
         results[f"T3_{kind}_step_s"] = seconds
         results[f"T3_{kind}_tokens_per_s"] = args.tokens / seconds

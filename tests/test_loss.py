@@ -112,7 +112,7 @@ def test_targets_from_full_logits_equal_factored(store, batch):
     _, _, normalized = batch
     W_U, b_U = store.params["W_U"], store.params["b_U"]
 
-    factored = targets_from_batch({"normalized": normalized}, W_U, b_U, None)
+    factored = targets_from_batch({"normalized": normalized}, W_U, b_U, None).dense()
     full = targets_from_batch({"logits": model_logits(store, normalized)}, W_U, b_U, None)
 
     assert torch.allclose(factored.probs, full.probs, atol=1e-6)
@@ -199,7 +199,43 @@ def test_blocked_kl_softcap(store, batch):
     loss, _ = blocked_loss(lens, z, scale, targets, False, 1.0, 7)
 
     assert torch.allclose(loss, expected, rtol=1e-5, atol=KL_ATOL)
-    assert torch.allclose(targets.probs, torch.softmax(target_logits, -1), atol=1e-6)
+    assert torch.allclose(targets.dense().probs, torch.softmax(target_logits, -1), atol=1e-6)
+    # The soft-cap's tanh keeps its output for the backward pass, so the loss must not overwrite it.
+    for grad, expected_grad in zip(torch.autograd.grad(loss, [lens.weight, lens.bias]),
+                                   torch.autograd.grad(expected, [lens.weight, lens.bias])):
+        assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", ["full", "translator", "lowrank"])  # dla has no parameters
+def test_blocked_kl_parameter_grads_only(store, batch, kind, temperature, rows):
+    """As in training: z needs no gradient, so the full lens takes its own in-place gradient path."""
+    z, scale, normalized = batch
+    lens = perturbed_lens(store, kind)
+    targets = targets_from_batch({"normalized": normalized}, lens.W_U, lens.b_U, None, temperature=temperature)
+    params = [p for p in lens.parameters() if p.requires_grad]
+
+    expected, _, _ = reference_loss(lens, z, scale, model_logits(store, normalized), False, temperature)
+    loss, _ = blocked_loss(lens, z, scale, targets, False, temperature, rows)
+
+    assert lens.has_projection_grads(params) is (kind == "full")
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=KL_ATOL)
+    for grad, expected_grad in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+        assert torch.count_nonzero(expected_grad) > 0
+        assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-8)
+
+
+def test_blocked_kl_backward_scales_gradients(store, batch):
+    z, scale, normalized = batch
+    lens = perturbed_lens(store, "full")
+    targets = targets_from_batch({"normalized": normalized}, lens.W_U, lens.b_U, None)
+
+    loss, _ = blocked_loss(lens, z, scale, targets, False, 1.0, 7)
+    (once,) = torch.autograd.grad(loss, [lens.weight], retain_graph=True)
+    (thrice,) = torch.autograd.grad(3 * loss, [lens.weight])
+
+    assert torch.allclose(thrice, 3 * once, rtol=1e-6)
 
 
 def test_blocked_kl_without_grad(store, batch):
@@ -354,3 +390,22 @@ def test_kl_values_finite_for_extreme_logits():
 
     assert torch.isfinite(value).all()
     assert value.item() == pytest.approx(2000.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["full", "translator"])
+def test_blocked_kl_under_bf16_autocast(store, batch, kind):
+    """bf16-mixed training: parameter gradients come back in float32 and follow the float32 ones."""
+    z, scale, normalized = batch
+    lens = perturbed_lens(store, kind)
+    params = [p for p in lens.parameters() if p.requires_grad]
+    targets = targets_from_batch({"normalized": normalized}, lens.W_U, lens.b_U, None)
+    expected = torch.autograd.grad(blocked_loss(lens, z, scale, targets, False, 1.0, 7)[0], params)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = blocked_loss(lens, z, scale, targets, False, 1.0, 7)
+    grads = torch.autograd.grad(loss, params)
+
+    for grad, expected_grad in zip(grads, expected):
+        assert grad.dtype == torch.float32
+        assert torch.isfinite(grad).all()
+        assert ((grad - expected_grad).norm() / expected_grad.norm()).item() < 0.02, ((grad - expected_grad).norm() / expected_grad.norm()).item()

@@ -221,7 +221,7 @@ def run(config: InspectConfig) -> dict[str, Any]:
     k = min(config.top_k, lens.d_vocab)
     probs = lens.predict(inputs.z[position:position + 1], inputs.scale[position:position + 1])[0]  # [head, d_vocab]
     targets = targets_from_batch({key: value[position:position + 1] for key, value in inputs.target.items()},
-                                 lens.W_U, lens.b_U, lens.logit_softcap)
+                                 lens.W_U, lens.b_U, lens.logit_softcap).dense()
 
     text = _text_around(inputs.tokens, position, inputs.tokenizer)
     return {

@@ -77,6 +77,10 @@ class Lens(nn.Module):
 
     kind: ClassVar[str]
     uses_scale: ClassVar[bool] = False
+    # True when autograd keeps none of ``project``'s output for the backward pass, so the loss may
+    # overwrite the logits with their gradient. A subclass whose projection ends in, say, an exp
+    # must leave it False.
+    project_keeps_no_output: ClassVar[bool] = False
 
     def __init__(self, parts: FrozenParts, **options):
         super().__init__()
@@ -99,6 +103,16 @@ class Lens(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Logits [head, tok, d_vocab] of features [tok, head, d_in], before any soft-cap."""
+        raise NotImplementedError
+
+    def has_projection_grads(self, inputs: list[torch.Tensor]) -> bool:
+        """True when ``projection_grads`` can give the gradients of exactly ``inputs`` without autograd."""
+        return False
+
+    def projection_grads(self, features: torch.Tensor, grad_logits: torch.Tensor,
+                         sums: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Add the gradients of ``project``'s parameters for ``grad_logits`` [head, tok, d_vocab] to ``sums``
+        (None before the first block) and return them. Only called when ``has_projection_grads`` is True."""
         raise NotImplementedError
 
     def forward(self, z: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,6 +150,7 @@ class DLALens(Lens):
     """
 
     kind = "dla"
+    project_keeps_no_output = True
     uses_scale = True
 
     def features(self, head_out: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,6 +170,7 @@ class FullLens(Lens):
     (the lens of AttentionLens). d_model x d_vocab + d_vocab parameters per head."""
 
     kind = "full"
+    project_keeps_no_output = True
 
     def __init__(self, parts: FrozenParts, **options):
         super().__init__(parts, **options)
@@ -167,6 +183,23 @@ class FullLens(Lens):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias.unsqueeze(1), features.transpose(0, 1), self.weight)
 
+    def has_projection_grads(self, inputs: list[torch.Tensor]) -> bool:
+        return len(inputs) == 2 and inputs[0] is self.weight and inputs[1] is self.bias
+
+    def projection_grads(self, features: torch.Tensor, grad_logits: torch.Tensor,
+                         sums: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        # Accumulating in place with baddbmm_ saves allocating and adding a parameter-sized block
+        # (1 GB on SmolLM2) for every token block.
+        by_head_t = features.transpose(0, 1).transpose(1, 2)  # [head, d_model, tok]
+        weight_sum, bias_sum = sums
+        if weight_sum is not None and by_head_t.dtype == grad_logits.dtype == weight_sum.dtype:
+            weight_sum.baddbmm_(by_head_t, grad_logits)
+        else:  # the first block, or autocast's low-precision features: sums stay in the parameters' dtype
+            block = torch.bmm(by_head_t, grad_logits).to(self.weight.dtype)
+            weight_sum = block if weight_sum is None else weight_sum.add_(block)
+        bias_block = grad_logits.sum(1).to(self.bias.dtype)
+        return [weight_sum, bias_block if bias_sum is None else bias_sum.add_(bias_block)]
+
 
 @register
 class TranslatorLens(Lens):
@@ -174,6 +207,7 @@ class TranslatorLens(Lens):
     unembedding (the tuned-lens translator applied to one head). d_model x d_model + d_model per head."""
 
     kind = "translator"
+    project_keeps_no_output = True
 
     def __init__(self, parts: FrozenParts, **options):
         super().__init__(parts, **options)
@@ -194,6 +228,7 @@ class LowRankLens(Lens):
     r x (d_model + d_vocab) parameters per head; ``rank`` defaults to 16."""
 
     kind = "lowrank"
+    project_keeps_no_output = True
 
     def __init__(self, parts: FrozenParts, rank: int = 16, **options):
         super().__init__(parts, rank=rank, **options)

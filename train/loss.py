@@ -56,27 +56,69 @@ class Targets:
         """The model's own most likely next token at each position."""
         return self.probs.argmax(-1) if self.probs is not None else self.topk_ids[:, 0]
 
+    def dense(self) -> "Targets":
+        return self
+
+
+@dataclass
+class NormalizedTargets:
+    """The model's distribution kept as its final-norm output [tok, d_model]; ``block`` builds the
+    probabilities of a few positions at a time, so a whole batch's [tok x d_vocab] never exists."""
+
+    normalized: torch.Tensor  # [tok, d_model]
+    W_U: torch.Tensor  # [d_model, d_vocab]
+    b_U: torch.Tensor  # [d_vocab]
+    softcap_value: float | None = None
+    temperature: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.normalized)
+
+    def block(self, rows: slice) -> Targets:
+        # Float32 even under autocast: the targets are the model's own logits, not a lens's estimate.
+        with torch.autocast(self.normalized.device.type, enabled=False):
+            logits = torch.addmm(self.b_U, self.normalized[rows].float(), self.W_U)  # [tok, d_vocab]
+            return Targets.from_logits(softcap(logits, self.softcap_value), self.temperature)
+
+    def dense(self) -> Targets:
+        """Build every position's probabilities at once: [tok x d_vocab] float32."""
+        return self.block(slice(None))
+
 
 def targets_from_batch(target: dict[str, torch.Tensor], W_U: torch.Tensor, b_U: torch.Tensor,
-                       softcap_value: float | None, temperature: float = 1.0) -> Targets:
-    """Rebuild the model's distribution from stored final data: ``normalized @ W_U + b_U`` (then soft-cap)."""
+                       softcap_value: float | None, temperature: float = 1.0) -> Targets | NormalizedTargets:
+    """Return the model's distribution from stored final data. Factored data gives ``normalized @ W_U + b_U``
+    (then soft-cap), built one block at a time; full logits and top-k are used as stored."""
     if "normalized" in target:
-        return Targets.from_logits(softcap(target["normalized"].float() @ W_U + b_U, softcap_value), temperature)
+        return NormalizedTargets(target["normalized"], W_U, b_U, softcap_value, temperature)
     if "logits" in target:
         return Targets.from_logits(target["logits"].float(), temperature)
     return Targets(topk_logprobs=target["topk_logprobs"].float(), topk_ids=target["topk_ids"].long())
 
 
-def _dense_kl_and_grad(targets: Targets, logits: torch.Tensor, temperature: float,
-                       grad_scale: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _dense_kl_and_grad(targets: Targets, logits: torch.Tensor, temperature: float, grad_scale: float | None,
+                       overwrite: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KL [head, tok] for logits [head, tok, d_vocab], and its gradient times ``grad_scale``.
 
     KL(p || q) = sum p log p - sum p log q, and log q = l/T - logsumexp(l/T), so the KL needs one
     logsumexp and one dot product per row instead of a materialised log-softmax; the gradient with
-    respect to the logits is (q - p) / T. This keeps the elementwise passes over the block to about
-    four, which matters because they cost as much as the projection matmul on a CPU.
+    respect to the logits is (q - p) / T. With ``overwrite`` the gradient is built in the logits'
+    own memory. Each pass over a block costs about a tenth of the projection matmul on a CPU, so the
+    gradient takes three in-place passes and no new block.
+
+    Everything here runs in float32, also under autocast: low-precision logits are widened first,
+    since log_z and q - p lose most of their digits in bfloat16 where the lens fits well.
     """
-    scaled = logits / temperature if temperature != 1.0 else logits
+    with torch.autocast(logits.device.type, enabled=False):
+        return _float32_kl_and_grad(targets, logits, temperature, grad_scale, overwrite)
+
+
+def _float32_kl_and_grad(targets: Targets, logits: torch.Tensor, temperature: float, grad_scale: float | None,
+                         overwrite: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    own = overwrite or logits.dtype != torch.float32 or temperature != 1.0
+    scaled = logits.float() if logits.dtype != torch.float32 else logits
+    if temperature != 1.0:
+        scaled = scaled.div_(temperature) if scaled is not logits else scaled / temperature
     log_z = torch.logsumexp(scaled, dim=-1)  # [head, tok]
     cross = torch.einsum("htv,tv->ht", scaled, targets.probs)
     # Float32 rounding of the three terms leaves about -2e-7 nats for identical distributions; a KL
@@ -84,11 +126,13 @@ def _dense_kl_and_grad(targets: Targets, logits: torch.Tensor, temperature: floa
     kl = (targets.neg_entropy - cross + log_z).clamp_min_(0.0)
     if grad_scale is None:
         return kl, None
-    grad = torch.exp(scaled - log_z.unsqueeze(-1))
-    grad.sub_(targets.probs).mul_(grad_scale / temperature)
+
+    # s * q = exp(l/T - log_z + log s): the scale rides in the exponent instead of a separate pass.
+    step = grad_scale / temperature
+    shift = (log_z - math.log(step)).unsqueeze(-1)  # [head, tok, 1]
+    grad = scaled.sub_(shift) if own else scaled - shift
+    grad.exp_().sub_(targets.probs, alpha=step)
     return kl, grad
-
-
 def _topk_kl(targets: Targets, lens_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL [head, tok] between distributions coarsened to the model's top k tokens plus one "rest" bucket,
     a lower bound of the full KL. Differentiable through autograd."""
@@ -126,18 +170,25 @@ class _BlockedKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = tuple(g * grad_output for g in ctx.saved_tensors)
+        # A plain loss.backward() passes 1: hand the sums over as they are rather than copy a
+        # parameter-sized gradient (1 GB for a full lens on SmolLM2).
+        if not bool(grad_output == 1):
+            grads = tuple(g * grad_output for g in ctx.saved_tensors)
+        else:
+            grads = ctx.saved_tensors
         return (None, None, *grads, *([None] * ctx.n_inputs))
 
 
-def blocked_head_kl(lens: Lens, features: torch.Tensor, targets: Targets, *, layer_sum: bool = False,
-                    temperature: float = 1.0, block_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[torch.Tensor, HeadKL]:
+def blocked_head_kl(lens: Lens, features: torch.Tensor, targets: Targets | NormalizedTargets, *,
+                    layer_sum: bool = False, temperature: float = 1.0,
+                    block_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[torch.Tensor, HeadKL]:
     """Mean KL over heads and positions for ``lens.project(features)`` against ``targets``.
 
     Args:
         lens: the lens whose ``project`` maps features [tok, head, d_in] to logits [head, tok, d_vocab].
         features: output of ``lens.features``; may require grad.
-        targets: the model's distribution at the same positions.
+        targets: the model's distribution at the same positions, built one block at a time when given
+            as ``NormalizedTargets``.
         layer_sum: fit the sum of the heads' logits instead of each head alone (AttentionLens's objective).
 
     Returns:
@@ -156,7 +207,14 @@ def blocked_head_kl(lens: Lens, features: torch.Tensor, targets: Targets, *, lay
     if needs_grad:
         grad_inputs.extend(params)
     needs_grad = needs_grad and bool(grad_inputs)
-    grad_sums = [torch.zeros_like(t) for t in grad_inputs]
+    dense = not (isinstance(targets, Targets) and targets.probs is None)
+    # A lens may compute its projection's gradients itself, as FullLens does in place. Those are
+    # gradients of the raw projection, so neither a layer sum nor a soft-cap may come between.
+    direct_grads = (needs_grad and dense and not layer_sum and not lens.logit_softcap
+                    and lens.has_projection_grads(grad_inputs))
+    # The loss may build the gradient inside the logits when autograd does not keep them (tanh does).
+    overwrite = lens.logit_softcap is None and lens.project_keeps_no_output
+    grad_sums: list[torch.Tensor | None] = [None] * len(grad_inputs)
     kl_sum = torch.zeros(n_out_heads, device=features.device)
     top1 = torch.zeros(n_out_heads, device=features.device)
     normaliser = n_tok * n_out_heads
@@ -164,40 +222,51 @@ def blocked_head_kl(lens: Lens, features: torch.Tensor, targets: Targets, *, lay
     for start in range(0, n_tok, rows):
         block = slice(start, min(start + rows, n_tok))
         block_targets = targets.block(block)
-        with torch.set_grad_enabled(needs_grad):
+        with torch.set_grad_enabled(needs_grad and not direct_grads):
             logits = lens.project(feature_leaf[block])  # [head, tok, d_vocab]
             if layer_sum:
                 logits = logits.sum(0, keepdim=True)
                 if _shared_bias(lens):
                     logits = logits - (n_heads - 1) * lens.b_U  # count the shared b_U once
             logits = softcap(logits, lens.logit_softcap)
+        with torch.no_grad():
+            top1 += (logits.argmax(-1) == block_targets.top1.unsqueeze(0)).sum(-1)
 
-        if block_targets.probs is not None:
+        if dense:
             kl, grad_logits = _dense_kl_and_grad(block_targets, logits.detach(), temperature,
-                                                 1.0 / normaliser if needs_grad else None)
-            if needs_grad:
+                                                 1.0 / normaliser if needs_grad else None, overwrite)
+            if direct_grads:
+                grad_sums = lens.projection_grads(feature_leaf[block], grad_logits, grad_sums)
+            elif needs_grad:
                 block_grads = torch.autograd.grad(logits, grad_inputs, grad_outputs=grad_logits, allow_unused=True)
+                grad_sums = _accumulate(grad_sums, block_grads)
         else:
             with torch.set_grad_enabled(needs_grad):
                 kl = _topk_kl(block_targets, logits, temperature)
             if needs_grad:
                 block_grads = torch.autograd.grad(kl.sum() / normaliser, grad_inputs, allow_unused=True)
-        if needs_grad:
-            for total, grad in zip(grad_sums, block_grads):
-                if grad is not None:
-                    total += grad
-
-        with torch.no_grad():
-            kl_sum += kl.detach().sum(-1)
-            top1 += (logits.detach().argmax(-1) == block_targets.top1.unsqueeze(0)).sum(-1)
+                grad_sums = _accumulate(grad_sums, block_grads)
+        kl_sum += kl.detach().sum(-1)
 
     loss = kl_sum.sum() / normaliser
     summary = HeadKL(kl_sum=kl_sum, top1_matches=top1, n_positions=n_tok)
     if not needs_grad:
         return loss, summary
     # Route the precomputed gradients through autograd: features continue into the lens's trunk.
+    grad_sums = [torch.zeros_like(t) if g is None else g for t, g in zip(grad_inputs, grad_sums)]
     inputs = ([features] if feature_leaf.requires_grad else []) + params
     return _BlockedKL.apply(loss, len(inputs), *inputs, *grad_sums), summary
+
+
+def _accumulate(sums: list[torch.Tensor | None], grads: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
+    """Add one block's gradients to the running sums. The first block's are copied: autograd may return
+    broadcast views or tensors it shares with the graph."""
+    updated = []
+    for total, grad in zip(sums, grads):
+        if grad is not None:
+            total = grad.clone() if total is None else total.add_(grad)
+        updated.append(total)
+    return updated
 
 
 def _shared_bias(lens: Lens) -> bool:
