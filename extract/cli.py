@@ -54,7 +54,11 @@ def main(**options) -> None:
     )
     from extract.loop import run
 
-    result = run(config)
+    try:
+        result = run(config)
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted; the blocks already written to {config.out} are kept, and the same "
+                                   "command resumes from them") from None
     shard = f"shard {config.shard_index} of {config.num_shards}: " if config.num_shards > 1 else ""
     click.echo(f"{shard}store {result.store_url}: {result.n_sequences} sequences; wrote {result.tokens_written} "
                f"tokens in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s)")

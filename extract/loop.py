@@ -14,7 +14,7 @@ from extract.config import ExtractConfig
 from extract.models import LoadedModel, load_model, parse_model_source
 from extract.packing import pack_documents
 from extract.text import iter_documents, parse_text_source
-from lensio.errors import BadInputError, ModelLoadError, NumericsError
+from lensio.errors import BadInputError, DatasetError, ModelLoadError, NumericsError
 from lensio.layers import parse_layers
 from lensio.schema import FORMAT_VERSION, LogitsMode, StoreDtype, StoreLayout, validation_split, z_path
 from lensio.writer import BlockWriter, prepare_store
@@ -181,7 +181,10 @@ def run(config: ExtractConfig) -> ExtractionResult:
     if config.logits is LogitsMode.TOPK and not 0 < config.top_k <= model.d_vocab:
         raise BadInputError(f"--top-k {config.top_k} must be between 1 and the vocabulary size {model.d_vocab}")
 
-    tokens = pack_documents(model.tokenizer, iter_documents(text_source, config.seed), config.context, config.tokens)
+    try:
+        tokens = pack_documents(model.tokenizer, iter_documents(text_source, config.seed), config.context, config.tokens)
+    except DatasetError as error:
+        raise DatasetError(f"dataset {config.dataset!r}: {error}") from None
     layout = StoreLayout.plan(
         n_sequences=len(tokens), context=config.context, n_heads=model.n_heads, d_head=model.d_head,
         d_model=model.d_model, d_vocab=model.d_vocab, layers=layers, dtype=config.dtype, logits=config.logits,

@@ -57,9 +57,41 @@ def parse_model_source(value: str, revision: str | None = None) -> ModelSource:
     if path.exists():
         raise ModelLoadError(f"{text!r} is a file but not a .gguf model; pass a model name, a local Hugging Face "
                              "directory or a .gguf file")
-    if text.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model path {text!r} not found; check the path")
+    if text.startswith((".", "/", "~")) or _looks_like_path(text):
+        raise ModelLoadError(f"model path {text!r} not found; check the path (a Hub name has the form "
+                             "'name' or 'org/name')")
     return ModelSource(ModelSourceKind.HUB, name=resolve_model_alias(text), revision=revision)
+
+
+def _looks_like_path(text: str) -> bool:
+    """Tell a mistyped local path from a Hub name, which is ``name`` or ``org/name`` without a file suffix."""
+    parts = text.replace("\\", "/").split("/")
+    if len(parts) > 2 or text.endswith("/") or "\\" in text:
+        return True
+    if len(parts) == 2 and Path(parts[0]).expanduser().is_dir():
+        return True  # the folder exists here, so a typo in the name beneath it is far likelier than a Hub org
+    return Path(text).suffix.lower() in MODEL_FILE_SUFFIXES
+
+
+# Suffixes of model files; a --model value ending in one is a path, whatever follows a Hub name's rules.
+MODEL_FILE_SUFFIXES = (".gguf", ".ggf", ".gguf.part", ".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".json")
+
+
+def check_device(device: str) -> None:
+    """Reject a device this torch build cannot use, before the model loads."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"invalid --device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; use "
+                                 "--device cpu, or install a CUDA build of torch")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA GPUs are visible "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"--device {device!r}: MPS is not available on this machine; use --device cpu")
 
 
 def resolve_model_alias(name: str) -> str:
@@ -190,6 +222,7 @@ def load_model(source: ModelSource, device: str = "cpu") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
+    check_device(device)
     kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "eager"}
     if source.kind is ModelSourceKind.GGUF:
         _check_gguf_header(source.path)

@@ -41,6 +41,9 @@ def store_info(url: str) -> dict[str, Any]:
     meta = store.meta
     n_written = store.n_written
     size = _size_on_disk(url)
+    params_size = _size_on_disk(url.rstrip("/") + "/params") if size is not None else None
+    # The parameters (W_U above all) are a fixed cost of any store, so they stay out of the per-token figure.
+    data_size = size - params_size if size is not None and params_size is not None else None
     tokens_written = n_written * layout.context
     model = meta.get("model", {})
     return {
@@ -67,8 +70,10 @@ def store_info(url: str) -> dict[str, Any]:
         "sequences_per_chunk": layout.seqs_per_chunk,
         "sequences_per_shard": layout.seqs_per_shard,
         "size_on_disk_bytes": size,
+        "params_size_bytes": params_size,
         "bytes_per_token_uncompressed": layout.bytes_per_token,
-        "bytes_per_token_on_disk": round(size / tokens_written, 1) if size is not None and tokens_written else None,
+        "bytes_per_token_on_disk": (round(data_size / tokens_written, 1) if data_size is not None and tokens_written
+                                    else None),
         "writers": [status.describe() for status in store_locks(url)],
     }
 
@@ -99,10 +104,13 @@ def format_info(info: dict[str, Any]) -> str:
         ("dtype", info["dtype"]),
         ("logits", logits),
         ("compressor", info["compressor"]),
-        ("chunks", f"{info['sequences_per_chunk']} sequences per chunk, {info['sequences_per_shard']} per shard"),
-        ("size on disk", _format_bytes(info["size_on_disk_bytes"])),
+        ("chunks", f"{info['sequences_per_chunk']} sequences per chunk, {info['sequences_per_shard']} per shard "
+                   "(the unit a resumed extraction redoes)"),
+        ("size on disk", _format_bytes(info["size_on_disk_bytes"])
+                         + (f", of which model parameters {_format_bytes(info['params_size_bytes'])}"
+                            if info["params_size_bytes"] is not None else "")),
         ("bytes per token", f"{info['bytes_per_token_uncompressed']} uncompressed"
-                            + (f", {on_disk} on disk" if on_disk is not None else "")),
+                            + (f", {on_disk} on disk without the parameters" if on_disk is not None else "")),
         ("writers", "; ".join(info["writers"]) or "none"),
     ]
     width = max(len(name) for name, _ in rows)

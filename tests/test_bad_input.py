@@ -147,6 +147,10 @@ CASES = [
     # (id, command, arguments, text the line must contain)
     ("model name unknown", "extract", extract_with(model="no-such-model-xyz"), "'no-such-model-xyz'"),
     ("model path missing", "extract", extract_with(model="./missing/model"), "'./missing/model'"),
+    ("model path nested missing", "extract", extract_with(model="missing/folder/model"), "not found; check the path"),
+    ("model path under folder", "extract", extract_with(model="{root}/no-such-model"), "not found; check the path"),
+    ("model file suffix typo", "extract", extract_with(model="model.ggf"), "not found; check the path"),
+    ("device unknown", "extract", extract_with(device="tpu9"), "'tpu9'"),
     ("model file not gguf", "extract", extract_with(model="{root}/a-file.txt"), "a-file.txt"),
     ("gguf not gguf", "extract", extract_with(model="{root}/not-gguf.gguf"), "not-gguf.gguf"),
     ("gguf truncated", "extract", extract_with(model="{root}/truncated.gguf"), "truncated"),
@@ -159,6 +163,7 @@ CASES = [
     ("dataset missing", "extract", extract_with(dataset="./no/such.txt"), "'./no/such.txt'"),
     ("text column missing", "extract", extract_with(dataset="{jsonl}", text_column="body"), "'body'"),
     ("corpus too short", "extract", extract_with(dataset="{root}/short.txt"), "--context 16"),
+    ("corpus too short named", "extract", extract_with(dataset="{root}/short.txt"), "short.txt"),
     ("tokens zero", "extract", extract_with(tokens="0"), "--tokens must be positive, got 0"),
     ("tokens negative", "extract", extract_with(tokens="-5"), "--tokens must be positive, got -5"),
     ("context zero", "extract", extract_with(context="0"), "--context must be positive, got 0"),
@@ -184,6 +189,8 @@ CASES = [
                                        "--quiet"], "W_U differs"),
     ("eval lens layer not in store", "eval", ["--store", "{layer0_store}", "--lens", "{lens}", "--out",
                                               "{root}/report", "--quiet"], "layer 1"),
+    ("eval out is a file", "eval", ["--store", "{store}", "--lens", "{lens}", "--out", "{root}/a-file.txt", "--quiet"],
+     "a-file.txt"),
     ("eval lens not a lens", "eval", ["--store", "{store}", "--lens", "{corpus}", "--out", "{root}/report", "--quiet"],
      "{corpus}"),
     ("inspect lens missing", "inspect", ["--lens", "{root}/lenses/missing", "--quiet"], "lenses/missing"),
@@ -214,6 +221,15 @@ def test_bad_input_rejected(command, args, expected, workspace):
     assert expected in lines[0]
     assert workspace_snapshot(workspace.root) == files_before
     assert workspace_folders(workspace.root) == folders_before
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_extract_cuda_without_gpu_rejected(workspace):
+    result = run_command(extract_main, [arg.format(**workspace.paths) for arg in extract_with(device="cuda")])
+
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: --device 'cuda': this torch")
+    assert not Path(workspace.paths["new"]).exists()
 
 
 def test_bad_input_exit_code_is_two(workspace):

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,42 @@ def test_train_leaves_no_checkpoints(trained):
     _, lens_dir = trained
 
     assert sorted(p.name for p in lens_dir.parent.iterdir()) == [lens_dir.name]
+
+
+def test_train_lens_folder_readable_by_others(trained):
+    _, lens_dir = trained
+    umask = os.umask(0)
+    os.umask(umask)
+
+    assert lens_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_train_output_through_script(workdir, store_path, quiet):
+    """Lightning's banners and its epoch bar stay out; the step bar shows unless --quiet."""
+    out = workdir / f"script-{quiet}"
+    args = [str(Path(sys.executable).parent / "lens-train"), "--store", store_path, "--layer", "0", "--out", str(out),
+            "--max-steps", "3", "--val-every", "3", "--batch-tokens", "32"] + (["--quiet"] if quiet else [])
+
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert "Epoch" not in result.stderr
+    assert "not empty" not in result.stderr
+    assert ("GPU available" in result.stderr) is not quiet
+    assert ("train layer 0 translator" in result.stderr) is not quiet
+    if not quiet:
+        assert "3/3" in result.stderr
+    else:
+        assert result.stderr.strip() == ""
+
+
+def test_train_cli_import_skips_lightning():
+    code = "import sys, train.cli; print('lightning' in sys.modules)"
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+
+    assert result.stdout.strip() == "False"
 
 
 def test_train_several_lenses_into_parent(workdir, store_path):

@@ -632,7 +632,7 @@ def test_training_unreadable_checkpoint_starts_afresh(tmp_path, training_store, 
 
     out = tmp_path / "lens"
     checkpoints = checkpoint_dir(str(out))
-    checkpoints.mkdir()
+    checkpoints.mkdir(parents=True)
     (checkpoints / "last.ckpt").write_bytes(b"not a checkpoint")
     result = invoke(train_main, train_args(training_store, out, "--lens", "translator", "--max-steps", "2"))
     assert result.exit_code == 0, result.output

@@ -93,7 +93,9 @@ def test_info_json_counts_partial_store(damaged):
     assert info["tokens_written"] == (N_SEQUENCES - 4) * 16
     assert info["tokens_planned"] == TOKENS
     assert info["size_on_disk_bytes"] == files_size(damaged)
-    assert info["bytes_per_token_on_disk"] == round(files_size(damaged) / ((N_SEQUENCES - 4) * 16), 1)
+    assert info["params_size_bytes"] == files_size(damaged / "params")
+    data_size = files_size(damaged) - files_size(damaged / "params")
+    assert info["bytes_per_token_on_disk"] == round(data_size / ((N_SEQUENCES - 4) * 16), 1)
     # 4 (token id) + 2 layers * 4 heads * 8 * 4 bytes (z) + 32 * 2 (normalized) + 4 (scale)
     assert info["bytes_per_token_uncompressed"] == 4 + 2 * 4 * 8 * 4 + 32 * 2 + 4
 

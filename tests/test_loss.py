@@ -392,7 +392,7 @@ def test_kl_values_finite_for_extreme_logits():
     assert value.item() == pytest.approx(2000.0, rel=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["full", "translator"])
+@pytest.mark.parametrize("kind", ["full", "translator", "lowrank"])
 def test_blocked_kl_under_bf16_autocast(store, batch, kind):
     """bf16-mixed training: parameter gradients come back in float32 and follow the float32 ones."""
     z, scale, normalized = batch

@@ -1,7 +1,15 @@
 """Lens architectures, training with Lightning, evaluation and inspection."""
 
-from train.lenses import LENS_REGISTRY, Lens
-from train.module import LightningLens, Objective
-from train.saving import load_lens
+import importlib
 
-__all__ = ["LENS_REGISTRY", "Lens", "LightningLens", "Objective", "load_lens"]
+# Names load on first use, so that ``lens-train --help`` and the light modules do not import Lightning.
+_EXPORTS = {"LENS_REGISTRY": "train.lenses", "Lens": "train.lenses", "LightningLens": "train.module",
+            "Objective": "train.loss", "load_lens": "train.saving"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'train' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -2,12 +2,13 @@
 
 import json
 import logging
+from pathlib import Path
 
 import click
 
-from lensio.cli_common import configure_logging
+from lensio.cli_common import configure_lightning_logging, configure_logging
 from train.lenses import LENS_REGISTRY
-from train.module import Objective
+from train.loss import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,13 @@ def _parse_lens_list(value: str) -> tuple[str, ...]:
 @click.option("--rank", type=int, default=16, help="Rank of the lowrank lens's correction.")
 @click.option("--temperature", type=float, default=1.0, help="Divides model and lens logits before the KL.")
 @click.option("--last-position-only", is_flag=True, help="Train on the last position of each sequence only.")
-@click.option("--block-mb", type=int, default=64, help="Memory bound of one block of float32 logits in the loss, in MiB.")
+@click.option("--block-mb", type=int, default=256, help="Memory bound of one block of float32 logits in the loss, in MiB.")
 @click.option("--quiet", is_flag=True, help="Hide progress bars and info logs.")
 def train_main(**options) -> None:
     """Train lenses for every head of one layer from a store, without loading the base model."""
     quiet = options.pop("quiet")
     configure_logging(quiet)
+    configure_lightning_logging(quiet)
     from train.config import TrainConfig
     from train.fit import run
 
@@ -93,6 +95,8 @@ def eval_main(store: str, lens_dirs: tuple[str, ...], more_lens_dirs: tuple[str,
         raise BadInputError(f"--max-tokens must be positive, got {max_tokens}")
     if batch_tokens <= 0:
         raise BadInputError(f"--batch-tokens must be positive, got {batch_tokens}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise BadInputError(f"--out {out!r} is a file; pass a folder for the report files")
     paths = _distinct_lens_dirs((*lens_dirs, *more_lens_dirs))
     opened = open_store(store)
     from train.fit import check_store_complete
@@ -112,8 +116,6 @@ def eval_main(store: str, lens_dirs: tuple[str, ...], more_lens_dirs: tuple[str,
 
 def _distinct_lens_dirs(paths: tuple[str, ...]) -> list[str]:
     """Reject a lens folder given twice, which would be evaluated twice under two names."""
-    from pathlib import Path
-
     from lensio.errors import BadInputError
 
     seen: dict[Path, str] = {}

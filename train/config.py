@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lensio.errors import BadInputError
 from train.lenses import LENS_REGISTRY
-from train.module import Objective
+from train.loss import DEFAULT_BLOCK_BYTES, Objective
 
 
 def default_lens_dir(layer: int, lens: str) -> str:
@@ -42,7 +42,7 @@ class TrainConfig:
     """Rank of the lowrank lens's correction."""
     temperature: float = 1.0
     last_position_only: bool = False
-    block_mb: int = 64
+    block_mb: int = DEFAULT_BLOCK_BYTES >> 20
     """Memory bound of one block of float32 logits in the loss, in MiB."""
     progress: bool = True
 

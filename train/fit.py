@@ -9,10 +9,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 from lensio.errors import BadInputError, StoreFormatError, StoreMismatchError
 from lensio.store import open_store
@@ -36,9 +37,48 @@ class TrainedLens:
     seconds: float
 
 
-def checkpoint_dir(lens_dir: str) -> Path:
+def training_dir(lens_dir: str) -> Path:
+    """Return the hidden folder beside a lens folder that contains its run's checkpoints and CSV logs."""
     path = Path(lens_dir)
-    return path.parent / f".{path.name}.checkpoints"
+    return path.parent / f".{path.name}.training"
+
+
+def checkpoint_dir(lens_dir: str) -> Path:
+    return training_dir(lens_dir) / "checkpoints"
+
+
+class StepProgress(Callback):
+    """One progress bar per lens in optimizer steps, with the latest training and held-out KL.
+
+    Lightning's own bar counts epochs, and a run bounded by --max-steps has no epoch count ("Epoch 0/-2")."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step", desc=self.description)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(trainer.global_step - self.bar.n)
+        self._show_metrics(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self._show_metrics(trainer)
+
+    def _show_metrics(self, trainer: L.Trainer) -> None:
+        metrics = {name.replace("/", " "): f"{float(value):.3f}" for name, value in trainer.callback_metrics.items()
+                 if name in ("train/kl", "val/kl")}
+        self.bar.set_postfix(metrics)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # Hyperparameters of LightningLens that must match for a checkpoint to continue the same training.
@@ -113,15 +153,18 @@ def _train_one(config: TrainConfig, kind: str, store) -> TrainedLens:
                            lens_options={"rank": config.rank} if kind == "lowrank" else None)
     data = LensDataModule(config.store, config.layer, config.batch_tokens, config.seed, config.num_workers,
                           config.val_tokens, config.last_position_only)
-    ckpt_dir = checkpoint_dir(out)
+    run_dir, ckpt_dir = training_dir(out), checkpoint_dir(out)
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/kl", mode="min", save_top_k=1,
                            save_last=True)
+    callbacks: list[Callback] = [best]
+    if config.progress:
+        callbacks.append(StepProgress(f"train layer {config.layer} {kind}"))
     trainer = L.Trainer(
         max_steps=config.max_steps, val_check_interval=min(config.val_every, config.max_steps),
         check_val_every_n_epoch=None, devices=config.devices, num_nodes=config.num_nodes,
         strategy=lightning_strategy(config.strategy),
-        precision=config.precision, default_root_dir=ckpt_dir, logger=CSVLogger(ckpt_dir, name="logs"),
-        callbacks=[best], enable_model_summary=False, enable_progress_bar=config.progress,
+        precision=config.precision, default_root_dir=run_dir, logger=CSVLogger(run_dir, name="logs"),
+        callbacks=callbacks, enable_model_summary=False, enable_progress_bar=False,
         log_every_n_steps=max(1, min(50, config.val_every)), num_sanity_val_steps=0,
     )
     resume = resumable_checkpoint(ckpt_dir, dict(module.hparams))
@@ -140,7 +183,7 @@ def _train_one(config: TrainConfig, kind: str, store) -> TrainedLens:
                     "seed": config.seed, "precision": config.precision, "seconds": round(seconds, 1)}
         save_lens(module.lens, out, lens_config(module.lens, layer=config.layer, objective=config.objective.value,
                                                 store=store, metrics=metrics, training=training))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return TrainedLens(kind, out, best_kl, trainer.global_step, seconds)
 
 

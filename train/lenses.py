@@ -161,7 +161,7 @@ class DLALens(Lens):
         return head_out / scale.reshape(-1, 1, 1) * self.norm_weight
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(features.transpose(0, 1), self.W_U) + self.b_U
+        return torch.matmul(features.transpose(0, 1), self.W_U).add_(self.b_U)  # in place: one pass fewer
 
 
 @register
@@ -219,7 +219,7 @@ class TranslatorLens(Lens):
         return final_norm(translated, self)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(features.transpose(0, 1), self.W_U) + self.b_U
+        return torch.matmul(features.transpose(0, 1), self.W_U).add_(self.b_U)  # in place: one pass fewer
 
 
 @register
@@ -241,7 +241,8 @@ class LowRankLens(Lens):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         by_head = features.transpose(0, 1)  # [head, tok, d_model]
-        return torch.matmul(by_head, self.W_U) + torch.bmm(torch.bmm(by_head, self.down), self.up) + self.b_U
+        logits = torch.matmul(by_head, self.W_U)  # [head, tok, d_vocab]
+        return logits.add_(torch.bmm(torch.bmm(by_head, self.down), self.up)).add_(self.b_U)
 
 
 def resolve_lens_class(lens: str | type[Lens]) -> type[Lens]:

@@ -10,6 +10,7 @@ logits plus its softmax, whatever the batch size.
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -20,6 +21,13 @@ from train.lenses import Lens, softcap
 # the projection matmul ran at 13 GFLOP/s with 37 rows and 21 GFLOP/s with 128 (scratch timing,
 # machine loaded), so smaller blocks cost speed.
 DEFAULT_BLOCK_BYTES = 256 << 20
+
+
+class Objective(str, Enum):
+    """Target of the loss: each head's lens alone, or the sum of the layer's head lenses."""
+
+    PER_HEAD = "per-head"
+    LAYER_SUM = "layer-sum"
 
 
 def kl_div_logits(target_logits: torch.Tensor, lens_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

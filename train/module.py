@@ -1,7 +1,6 @@
 """``LightningLens``: fits one layer's lenses from a store with PyTorch Lightning."""
 
 import logging
-from enum import Enum
 from typing import Any
 
 import lightning as L
@@ -11,16 +10,9 @@ from lensio.errors import StoreMismatchError
 from lensio.reader import ActivationBatch
 from lensio.store import open_store
 from train.lenses import Lens, frozen_parts_from_store, resolve_lens_class
-from train.loss import DEFAULT_BLOCK_BYTES, blocked_head_kl, kl_div_logits, targets_from_batch
+from train.loss import DEFAULT_BLOCK_BYTES, Objective, blocked_head_kl, kl_div_logits, targets_from_batch
 
 logger = logging.getLogger(__name__)
-
-
-class Objective(str, Enum):
-    """Target of the loss: each head's lens alone, or the sum of the layer's head lenses."""
-
-    PER_HEAD = "per-head"
-    LAYER_SUM = "layer-sum"
 
 
 class LightningLens(L.LightningModule):

@@ -96,6 +96,11 @@ def save_lens(lens: Lens, out_dir: str | Path, config: dict[str, Any]) -> Path:
     _remove_abandoned_siblings(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
+        # mkdtemp creates the folder 0700; give it the permissions of a plain mkdir so others on a shared
+        # cluster can read the lens, as they can read the store.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in lens.state_dict().items()}
         save_file(state, staging / "lens.safetensors")
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
