@@ -1,6 +1,6 @@
 """R1: time to read one random batch from a store of at least 2 GB, cold (page cache dropped) against warm.
 
-Usage: .venv/bin/python bench/read_latency.py [--gigabytes 2.0] [--batch-tokens 4096] [--dir /tmp]
+Usage: .venv/bin/python -m bench.read_latency [--gigabytes 2.0] [--batch-tokens 4096] [--dir /tmp]
 
 Writes a synthetic store with SmolLM2 shapes (30 layers of z, 9 heads x 64, fp16) filled with random
 values, evicts its files from the page cache with posix_fadvise(DONTNEED), reads one shuffled batch

@@ -1,7 +1,7 @@
 """E2 and the compressor choice: store bytes per token against the naive layout, and the size and speed
 of each compressor on real activations.
 
-Usage: .venv/bin/python bench/store_size.py [--store demo-out/acts.zarr] [--sequences 64]
+Usage: .venv/bin/python -m bench.store_size [--store demo-out/acts.zarr] [--sequences 64]
 
 E2 compares headlens's layout (fp16 z per head, fp16 final-norm output, fp32 scale, int32 tokens)
 with the naive one (fp32 per-head hook_result for the same layers plus fp32 full logits) at GPT-2
