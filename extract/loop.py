@@ -1,6 +1,7 @@
 """The extraction loop: run the frozen model over packed sequences and write a store."""
 
 import hashlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -172,6 +173,11 @@ def run(config: ExtractConfig) -> ExtractionResult:
     source = parse_model_source(config.model, config.revision)
     text_source = parse_text_source(config.dataset, config.split, config.text_column)
     config.check_output_path()
+    parse_layers(config.layers, None)  # the syntax now; the range once the model is loaded
+    documents = iter_documents(text_source, config.seed)
+    # Local files are read (and their text column checked) here, before the model's slow load.
+    first_document = next(documents, None)
+    documents = itertools.chain([] if first_document is None else [first_document], documents)
 
     model = load_model(source, config.device)
     layers = parse_layers(config.layers, model.n_layers)
@@ -182,7 +188,7 @@ def run(config: ExtractConfig) -> ExtractionResult:
         raise BadInputError(f"--top-k {config.top_k} must be between 1 and the vocabulary size {model.d_vocab}")
 
     try:
-        tokens = pack_documents(model.tokenizer, iter_documents(text_source, config.seed), config.context, config.tokens)
+        tokens = pack_documents(model.tokenizer, documents, config.context, config.tokens)
     except DatasetError as error:
         raise DatasetError(f"dataset {config.dataset!r}: {error}") from None
     layout = StoreLayout.plan(

@@ -5,8 +5,10 @@ from lensio.errors import BadInputError
 _SPEC_HELP = "use a list such as '0-11', '0,3,5-7' or 'all'"
 
 
-def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+def parse_layers(spec: str, n_layers: int | None) -> tuple[int, ...]:
     """Parse a layer spec into sorted, distinct layer indices in ``[0, n_layers)``.
+
+    With ``n_layers`` None only the syntax is checked (before a model is loaded), and ``all`` gives ().
 
     Raises:
         BadInputError: the spec is malformed (``5-2``, ``a``, ``1,,2``, empty) or names a layer
@@ -16,7 +18,7 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
     if not text:
         raise BadInputError(f"invalid layer spec {spec!r}: it is empty; {_SPEC_HELP}")
     if text.lower() == "all":
-        return tuple(range(n_layers))
+        return tuple(range(n_layers or 0))
 
     layers: set[int] = set()
     for part in text.split(","):
@@ -32,7 +34,7 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
             raise BadInputError(f"invalid layer spec {spec!r}: range {part!r} runs backwards; write it as '{last}-{first}'")
         layers.update(range(first, last + 1))
 
-    out_of_range = sorted(layer for layer in layers if layer >= n_layers)
+    out_of_range = sorted(layer for layer in layers if n_layers is not None and layer >= n_layers)
     if out_of_range:
         raise BadInputError(
             f"layer {out_of_range[0]} is out of range: the model has {n_layers} layers (0-{n_layers - 1})"

@@ -232,6 +232,26 @@ def test_extract_cuda_without_gpu_rejected(workspace):
     assert not Path(workspace.paths["new"]).exists()
 
 
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"layers": "a"}, "'a'"),
+    ({"dataset": "{jsonl}", "text_column": "body"}, "'body'"),
+    ({"dataset": "./no/such.txt"}, "'./no/such.txt'"),
+], ids=["layer spec", "text column", "dataset path"])
+def test_extract_checks_before_model_load(workspace, monkeypatch, changes, expected):
+    import extract.loop
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(extract.loop, "load_model", load_model)
+    args = [arg.format(**workspace.paths) for arg in extract_with(**changes)]
+
+    result = run_command(extract_main, args)
+
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+
+
 def test_bad_input_exit_code_is_two(workspace):
     # The exit code of every headlens error: scripts can tell bad input (2) from a failed check (1).
     result = run_command(extract_main, [arg.format(**workspace.paths) for arg in extract_with(layers="a")])

@@ -77,3 +77,19 @@ def test_parse_layers_out_of_range_names_layer_count():
 
 def test_parse_layers_all_follows_model_size():
     assert parse_layers("all", 2) == (0, 1)
+
+
+OUT_OF_RANGE = {"12", "0-12", "3,40"}
+
+
+@pytest.mark.parametrize(("spec", "named_value"), [case for case in BAD_CASES if case[0] not in OUT_OF_RANGE])
+def test_parse_layers_syntax_only_rejects_bad_spec(spec, named_value):
+    with pytest.raises(BadInputError) as caught:
+        parse_layers(spec, None)
+
+    assert named_value in caught.value.message
+
+
+def test_parse_layers_syntax_only_skips_range():
+    assert parse_layers("0,40-41", None) == (0, 40, 41)
+    assert parse_layers("all", None) == ()
