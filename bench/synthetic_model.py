@@ -7,7 +7,7 @@ For machines the GGUF file cannot reach (the GPU machine takes at most 64 MiB of
 BPE trained here on standard-library docstrings, so the folder needs no network.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -62,6 +62,6 @@ def build(out_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m bench.synthetic_model OUT_DIR")
-    print(build(Path(sys.argv[1])))
+    parser = argparse.ArgumentParser(description="Write a random-weight model with SmolLM2-135M's shapes.")
+    parser.add_argument("out_dir", type=Path, help="folder to write the model and tokenizer to (about 540 MB)")
+    print(build(parser.parse_args().out_dir))

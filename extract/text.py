@@ -105,8 +105,9 @@ def _iter_hub(source: TextSource, seed: int) -> Iterator[str]:
         dataset = datasets.load_dataset(source.value, split=source.split, streaming=True)
     except Exception as error:  # noqa: BLE001 - datasets raises many unrelated types for an unreachable hub
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DatasetError(f"could not load dataset {source.value!r} from the Hugging Face Hub ({first_line}); "
-                           "pass --dataset with local .txt, .jsonl or .parquet files or a folder of them") from error
+        raise DatasetError(f"could not load dataset {source.value!r} from the Hugging Face Hub ({first_line}), and "
+                           "no local file or folder of that name exists; pass --dataset with local .txt, .jsonl or "
+                           ".parquet files or a folder of them") from error
     dataset = dataset.shuffle(seed=seed, buffer_size=10_000)
     for record in dataset:
         if source.text_column not in record:
@@ -122,7 +123,7 @@ def iter_documents(source: TextSource, seed: int) -> Iterator[str]:
     if source.is_local:
         documents = _read_local(source)
         random.Random(seed).shuffle(documents)
-        logger.info("read %d documents from %d local files", len(documents), len(source.files))
+        logger.info("read %d documents from %d local file(s)", len(documents), len(source.files))
         yield from documents
     else:
         yield from _iter_hub(source, seed)

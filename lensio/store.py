@@ -77,6 +77,10 @@ def open_group(url: str, mode: str) -> zarr.Group:
         if is_local_folder_with_files(url):
             raise StoreFormatError(f"{url!r} is a folder of other files, not a headlens store; pass a store made by "
                                    "lens-extract") from error
+        local = local_store_path(url)
+        if local is not None and local.is_file():
+            raise StoreFormatError(f"{url!r} is a file, not a headlens store; pass the store folder made by "
+                                   "lens-extract") from error
         raise StoreNotFoundError(f"no store found at {url!r}; create one with lens-extract --out {url}") from error
     except (ValueError, zarr.errors.NodeTypeValidationError) as error:
         raise StoreFormatError(f"{url!r} is not a readable Zarr group ({error}); pass a store made by lens-extract") from error

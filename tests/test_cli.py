@@ -148,6 +148,8 @@ def test_train_lens_folder_readable_by_others(trained):
     os.umask(umask)
 
     assert lens_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("config.json", "lens.safetensors"):
+        assert (lens_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 @pytest.mark.parametrize("quiet", [False, True])

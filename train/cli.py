@@ -55,7 +55,8 @@ def train_main(**options) -> None:
     config = TrainConfig(
         **{key: value for key, value in options.items() if key not in ("lens", "objective", "val_tokens")},
         lenses=_parse_lens_list(options["lens"]), objective=Objective(options["objective"]),
-        val_tokens=options["val_tokens"] or None, devices=int(devices) if devices.isdigit() else devices,
+        val_tokens=options["val_tokens"] if options["val_tokens"] != 0 else None,
+        devices=int(devices) if devices.isdigit() else devices,
         progress=not quiet,
     )
     from lightning.pytorch.utilities import rank_zero_only
@@ -66,7 +67,7 @@ def train_main(**options) -> None:
     for trained in results:
         kl = f"{trained.best_val_kl:.4f} nats" if trained.best_val_kl is not None else "not validated"
         click.echo(f"{trained.lens} lens for layer {config.layer}: {trained.path} (held-out KL {kl}, "
-                   f"{trained.steps} steps, {trained.seconds:.0f} s)")
+                   f"{trained.steps} step{'s' if trained.steps != 1 else ''}, {trained.seconds:.0f} s)")
 
 
 @click.command(context_settings=CONTEXT)

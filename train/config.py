@@ -54,8 +54,17 @@ class TrainConfig:
         for name in ("batch_tokens", "max_steps", "val_every", "num_nodes", "rank", "block_mb"):
             if getattr(self, name) <= 0:
                 raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise BadInputError(f"--lr and --temperature must be positive, got {self.lr} and {self.temperature}")
+        for name in ("lr", "temperature"):
+            if getattr(self, name) <= 0:
+                raise BadInputError(f"--{name} must be positive, got {getattr(self, name)}")
+        devices = str(self.devices).strip()
+        if devices != "auto" and not all(part.strip().lstrip("-").isdigit() for part in devices.split(",")):
+            raise BadInputError(f"--devices {self.devices!r} must be a count, a list of device indices such as "
+                                "'0,1', or 'auto'; Lightning picks the GPU accelerator when one is visible")
+        if self.num_workers < 0:
+            raise BadInputError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if self.val_tokens is not None and self.val_tokens < 0:
+            raise BadInputError(f"--val-tokens must be 0 (all held-out positions) or more, got {self.val_tokens}")
         if self.layer < 0:
             raise BadInputError(f"--layer must be a layer index of at least 0, got {self.layer}")
 

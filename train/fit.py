@@ -189,6 +189,10 @@ def _train_one(config: TrainConfig, kind: str, store) -> TrainedLens:
 
 def run(config: TrainConfig) -> list[TrainedLens]:
     """Train every lens kind of ``config`` on one layer of the store."""
+    if config.precision.startswith("bf16") and not torch.cuda.is_available():
+        logger.warning("--precision %s on a CPU: bfloat16 matmuls run many times slower than float32 on CPUs "
+                       "without native bfloat16 (AVX512-BF16 or AMX); use --precision 32-true there",
+                       config.precision)
     store = open_store(config.store)
     store.z(config.layer)
     check_store_complete(store)

@@ -104,6 +104,9 @@ def save_lens(lens: Lens, out_dir: str | Path, config: dict[str, Any]) -> Path:
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in lens.state_dict().items()}
         save_file(state, staging / "lens.safetensors")
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # safetensors writes its file 0600 too.
+        for written in staging.iterdir():
+            written.chmod(0o666 & ~umask)
         if out.exists():
             retired = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, retired)
