@@ -47,11 +47,10 @@ def train_main(**options) -> None:
     """Train lenses for every head of one layer from a store, without loading the base model."""
     quiet = options.pop("quiet")
     configure_logging(quiet)
-    configure_lightning_logging(quiet)
     from train.config import TrainConfig
-    from train.fit import run
 
     devices = options.pop("devices")
+    # Checked before Lightning is imported, which takes several seconds on a small CPU.
     config = TrainConfig(
         **{key: value for key, value in options.items() if key not in ("lens", "objective", "val_tokens")},
         lenses=_parse_lens_list(options["lens"]), objective=Objective(options["objective"]),
@@ -59,6 +58,9 @@ def train_main(**options) -> None:
         devices=int(devices) if devices.isdigit() else devices,
         progress=not quiet,
     )
+    configure_lightning_logging(quiet)
+    from train.fit import run
+
     from lightning.pytorch.utilities import rank_zero_only
 
     results = run(config)
