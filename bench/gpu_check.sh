@@ -9,7 +9,9 @@
 # The model is $HEADLENS_BENCH_MODEL, else the SmolLM2 GGUF at $HEADLENS_BENCH_GGUF or
 # demo-out/model/, else a random-weight model with SmolLM2-135M's shapes built here
 # (bench/synthetic_model.py): speed depends on the shapes, not on the weights.
-# Each step has its own time limit; the whole script stays under 8 minutes.
+# Each step has its own time limit, and the whole script stays under 8 minutes.
+# NOTE: run only on a CPU at tiny sizes so far. The time limits are estimates for an H200 and have not
+# been checked on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -110,9 +110,9 @@ EXTRACT = ["--model", "{gpt2}", "--layers", "all", "--dataset", "{corpus}", "--o
            "--tokens", "160", "--quiet"]
 
 
-def extract_with(**changes: str) -> list[str]:
-    """The base lens-extract arguments with some options replaced (keys use _ for -)."""
-    args = list(EXTRACT)
+def with_options(base: list[str], changes: dict[str, str]) -> list[str]:
+    """Return ``base`` arguments with some options replaced or added (keys use _ for -)."""
+    args = list(base)
     for key, value in changes.items():
         option = "--" + key.replace("_", "-")
         if option in args:
@@ -120,20 +120,17 @@ def extract_with(**changes: str) -> list[str]:
         else:
             args += [option, value]
     return args
+
+
+def extract_with(**changes: str) -> list[str]:
+    return with_options(EXTRACT, changes)
 
 
 TRAIN = ["--store", "{store}", "--layer", "1", "--out", "{root}/lenses/new", "--max-steps", "1", "--quiet"]
 
 
 def train_with(**changes: str) -> list[str]:
-    args = list(TRAIN)
-    for key, value in changes.items():
-        option = "--" + key.replace("_", "-")
-        if option in args:
-            args[args.index(option) + 1] = value
-        else:
-            args += [option, value]
-    return args
+    return with_options(TRAIN, changes)
 
 
 def commands():

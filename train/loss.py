@@ -111,8 +111,8 @@ def _dense_kl_and_grad(targets: Targets, logits: torch.Tensor, temperature: floa
     KL(p || q) = sum p log p - sum p log q, and log q = l/T - logsumexp(l/T), so the KL needs one
     logsumexp and one dot product per row instead of a materialised log-softmax; the gradient with
     respect to the logits is (q - p) / T. With ``overwrite`` the gradient is built in the logits'
-    own memory. Each pass over a block costs about a tenth of the projection matmul on a CPU, so the
-    gradient takes three in-place passes and no new block.
+    own memory. Each pass over a block costs roughly a tenth of the projection matmul on a 2-core CPU
+    (torch.profiler), so the gradient then takes three in-place passes and no new block.
 
     Everything here runs in float32, also under autocast: low-precision logits are widened first,
     since log_z and q - p lose most of their digits in bfloat16 where the lens fits well.
@@ -178,8 +178,8 @@ class _BlockedKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        # A plain loss.backward() passes 1: hand the sums over as they are rather than copy a
-        # parameter-sized gradient (1 GB for a full lens on SmolLM2).
+        # A plain loss.backward() passes 1, so the sums go out as they are instead of being multiplied
+        # into a new parameter-sized tensor (1 GB for a full lens on SmolLM2).
         if not bool(grad_output == 1):
             grads = tuple(g * grad_output for g in ctx.saved_tensors)
         else:
